@@ -1,0 +1,94 @@
+"""Attention Guidance: picks the losses, their weights and the shared step schedule."""
+from comfy_api.latest import io
+
+from ..guidance.losses import LOSSES
+from ..guidance.sampler import DEFAULT_REFINEMENT, GuidanceConfig
+from .types import Guidance
+
+_DEFAULT_WEIGHTS = {"attend_and_excite": 1.0}
+_TIPS = {
+    "attend_and_excite": "Attend-and-Excite: raise the weakest subject's peak attention. Paper: 1.0 (alone).",
+    "segregation": "A-STAR segregation: subjects should not share pixels. Needs 2+ subjects. A-STAR: 1.0.",
+    "retention": "A-STAR retention: each subject keeps the region it held at the previous step. A-STAR: 1.0.",
+    "attendance": "Divide & Bind attendance: maximise the weakest subject's total variation. D&B: 1.0.",
+}
+
+
+def parse_refinement(text: str) -> tuple[tuple[float, float], ...]:
+    """'0.0:0.05, 0.2:0.5' -> ((0.0, 0.05), (0.2, 0.5)); an empty string turns refinement off."""
+    pairs = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            fraction, threshold = (float(v) for v in part.split(":"))
+        except ValueError:
+            raise ValueError(f"refinement entry {part!r} is not 'step_fraction:threshold' (e.g. '0.2:0.5')") from None
+        if not (0.0 <= fraction <= 1.0 and 0.0 <= threshold <= 1.0):
+            raise ValueError(f"refinement entry {part!r}: step fraction and threshold must both lie in [0, 1]")
+        pairs.append((fraction, threshold))
+    return tuple(pairs)
+
+
+class AttentionGuidance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        weights = [io.Float.Input(f"{name}_weight", default=_DEFAULT_WEIGHTS.get(name, 0.0), min=0.0, max=100.0,
+                                  step=0.05, tooltip=_TIPS.get(name, spec.description))
+                   for name, spec in LOSSES.items()]
+        refinement = ", ".join(f"{f}:{t}" for f, t in DEFAULT_REFINEMENT)
+        return io.Schema(
+            node_id="AttnGuideGuidance",
+            display_name="Attention Guidance Losses (AttnGuide)",
+            category="sampling/attention guidance",
+            description="The losses the Attention samplers minimise before each guided step, and their schedule.",
+            inputs=weights + [
+                io.Float.Input("scale_factor", default=20.0, min=0.0, max=1000.0, step=0.5,
+                               tooltip="Step size alpha_t = scale_factor * sqrt(linspace(1, 0.5)). A&E: 20."),
+                io.Float.Input("guidance_start", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="First guided step, as a fraction of the schedule."),
+                io.Float.Input("guidance_end", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="Guidance stops here (fraction of the schedule). A&E: 0.5 (25 of 50 steps); "
+                                       "A-STAR guides across the process (e.g. 1.0)."),
+                io.String.Input("refinement", default=refinement,
+                                tooltip="step_fraction:threshold pairs. At those steps the latent is refined until "
+                                        "loss <= 1 - threshold. A&E: 0:0.05, 0.2:0.5, 0.4:0.8. Empty: off."),
+                io.Int.Input("max_refinement_steps", default=20, min=0, max=100, advanced=True,
+                             tooltip="Cap on refinement iterations per refinement step. A&E: 20."),
+                io.Float.Input("softmax_temperature", default=100.0, min=1.0, max=1000.0, advanced=True,
+                               tooltip="Attention is multiplied by this before the softmax over tokens. A&E: 100."),
+                io.Boolean.Input("exclude_padding", default=False,
+                                 tooltip="Softmax over the prompt's words only, not end/padding tokens. "
+                                         "Recommended for SD2.x (its '!' padding); off reproduces A&E on SD1.x."),
+                io.Float.Input("smoothing_sigma", default=0.5, min=0.05, max=5.0, step=0.05, advanced=True,
+                               tooltip="Sigma of the 3x3 Gaussian smoothing of the maps. A&E: 0.5."),
+                io.Float.Input("retention_threshold", default=0.5, min=0.0, max=1.0, step=0.05, advanced=True,
+                               tooltip="Retention mask: pixels with at least this fraction of the subject's peak."),
+                io.Boolean.Input("truncate_pass", default=True, advanced=True,
+                                 tooltip="Stop the guided forward after the last captured layer (same gradient, "
+                                         "less time and memory)."),
+            ],
+            outputs=[Guidance.Output(display_name="GUIDANCE")],
+        )
+
+    @classmethod
+    def execute(cls, scale_factor, guidance_start, guidance_end, refinement, max_refinement_steps,
+                softmax_temperature, exclude_padding, smoothing_sigma, retention_threshold, truncate_pass,
+                **weights) -> io.NodeOutput:
+        loss_weights = {name: float(weights[f"{name}_weight"]) for name in LOSSES}
+        if not any(loss_weights.values()):
+            raise ValueError("Attention Guidance: every loss weight is 0, so nothing would be guided; set at least "
+                             f"one of {', '.join(f'{n}_weight' for n in LOSSES)} above 0")
+        if guidance_end <= guidance_start:
+            raise ValueError(f"Attention Guidance: guidance_end ({guidance_end}) must be greater than guidance_start "
+                             f"({guidance_start}); both are fractions of the sampling schedule")
+        config = GuidanceConfig(
+            loss_weights=loss_weights, scale_factor=scale_factor, guidance_start=guidance_start,
+            guidance_end=guidance_end, refinement=parse_refinement(refinement),
+            max_refinement_steps=max_refinement_steps, temperature=softmax_temperature,
+            exclude_padding=exclude_padding, smoothing_sigma=smoothing_sigma,
+            retention_threshold=retention_threshold, truncate_pass=truncate_pass)
+        return io.NodeOutput(config)
+
+
+NODES = [AttentionGuidance]

@@ -1,0 +1,180 @@
+"""Subject tokens: which CLIP token positions a subject word covers, as the text encoder sees them.
+
+Positions are global over the concatenated 77-token chunks (chunk c, position p -> c * 77 + p),
+which is how ComfyUI lays out a long prompt's conditioning, so a position indexes the key axis of
+the cross-attention directly. Position 0 of each chunk is the start token.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+
+class SubjectError(ValueError):
+    """A subject specification that cannot be resolved against the prompt."""
+
+
+@dataclass(frozen=True)
+class Subject:
+    label: str
+    token_positions: tuple[int, ...]  # global positions (chunk * chunk_length + position in chunk)
+    chunk: int
+
+    def positions_in_chunk(self, chunk_length: int) -> tuple[int, ...]:
+        return tuple(p - self.chunk * chunk_length for p in self.token_positions)
+
+
+@dataclass(frozen=True)
+class Subjects:
+    """What Attention Text Encode hands to the sampler and the visualiser (the SUBJECTS type)."""
+    subjects: tuple[Subject, ...]
+    prompt: str
+    chunk_length: int                       # 77 for CLIP
+    end_positions: tuple[int, ...]          # per chunk: position (in chunk) of the end token
+    token_words: tuple[tuple[str, ...], ...] = field(default=())  # per chunk: decoded token text
+
+    @property
+    def labels(self) -> list[str]:
+        return [s.label for s in self.subjects]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.chunk_length * len(self.end_positions)
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """One tokenizer's view of a prompt: per chunk, token ids (int) or embedding vectors."""
+    chunks: tuple[tuple[object, ...], ...]
+    words: tuple[tuple[str, ...], ...]
+    start_token: int
+    end_token: int
+
+
+def _decode_piece(sd_tokenizer, token) -> str:
+    if isinstance(token, torch.Tensor):
+        return "<embedding>"
+    piece = sd_tokenizer.inv_vocab.get(int(token), "?")
+    return piece.replace("</w>", "")
+
+
+def _sd_tokenizer(tokenizer):
+    """The first SDTokenizer inside a CLIP's tokenizer (SDXL's clip_l and clip_g tokenize alike)."""
+    for name in ("clip_l", "clip_h", "clip_g"):
+        if hasattr(tokenizer, name):
+            return getattr(tokenizer, name)
+    if hasattr(tokenizer, "tokenize_with_weights") and hasattr(tokenizer, "inv_vocab"):
+        return tokenizer
+    raise SubjectError(f"{type(tokenizer).__name__} is not a CLIP tokenizer (SD1.x, SD2.x or SDXL); "
+                       "attention guidance needs one of those text encoders")
+
+
+def tokenize_prompt(tokenizer, text: str) -> PromptTokens:
+    """Tokenizes exactly as the encoder will: weighting syntax, embeddings and 77-token chunks."""
+    sd_tok = _sd_tokenizer(tokenizer)
+    batches = sd_tok.tokenize_with_weights(text, return_word_ids=False)
+    chunks = tuple(tuple(t for t, _w in batch) for batch in batches)
+    words = tuple(tuple(_decode_piece(sd_tok, t) for t in chunk) for chunk in chunks)
+    return PromptTokens(chunks, words, sd_tok.start_token, sd_tok.end_token)
+
+
+def _content_tokens(tokenizer, text: str) -> list:
+    """The tokens a phrase turns into, without start/end/padding, via the same tokenizer."""
+    prompt = tokenize_prompt(tokenizer, text)
+    out = []
+    for chunk in prompt.chunks:
+        for position, token in enumerate(chunk):
+            if position == 0:
+                continue
+            if not isinstance(token, torch.Tensor) and token == prompt.end_token:
+                break
+            out.append(token)
+    return out
+
+
+def _same_token(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
+    return int(a) == int(b)
+
+
+def _end_position(chunk, end_token) -> int:
+    for position in range(1, len(chunk)):
+        token = chunk[position]
+        if not isinstance(token, torch.Tensor) and token == end_token:
+            return position
+    return len(chunk) - 1
+
+
+def _prompt_words(prompt: PromptTokens) -> list[str]:
+    words = []
+    for chunk, ends in zip(prompt.words, (_end_position(c, prompt.end_token) for c in prompt.chunks)):
+        words.extend(chunk[1:ends])
+    return words
+
+
+def _find(sequence: list, needle: list, chunk_length: int, end_positions: list[int]) -> list[int] | None:
+    """First occurrence of the token run `needle` inside one chunk's content tokens."""
+    for chunk_index, end in enumerate(end_positions):
+        base = chunk_index * chunk_length
+        for start in range(1, end - len(needle) + 1):
+            if all(_same_token(sequence[base + start + k], needle[k]) for k in range(len(needle))):
+                return [base + start + k for k in range(len(needle))]
+    return None
+
+
+def parse_subject_spec(spec: str) -> list[str]:
+    """'cat, frog' -> ['cat', 'frog']; '2,5' -> ['2', '5']. Empty entries are dropped."""
+    return [part.strip() for part in re.split(r"[,;\n]", spec) if part.strip()]
+
+
+def resolve_subjects(tokenizer, text: str, spec: str) -> Subjects:
+    """Turns the user's `subjects` (words or token indices) into token positions of `text`.
+
+    A word matches the first place where its tokens appear in the prompt (all word pieces); an
+    index is a global token position (chunk * 77 + position, 0 being the start token).
+    """
+    prompt = tokenize_prompt(tokenizer, text)
+    chunk_length = len(prompt.chunks[0])
+    if any(len(c) != chunk_length for c in prompt.chunks):
+        raise SubjectError("the tokenizer produced chunks of unequal length; cannot index subject tokens")
+    flat = [t for chunk in prompt.chunks for t in chunk]
+    end_positions = [_end_position(c, prompt.end_token) for c in prompt.chunks]
+    entries = parse_subject_spec(spec)
+    if not entries:
+        raise SubjectError("no subjects given: name the subject words of the prompt (e.g. 'cat, frog') "
+                           "or their token indices (e.g. '2,5')")
+    words_hint = ", ".join(repr(w) for w in _prompt_words(prompt))
+    subjects = []
+    for entry in entries:
+        if re.fullmatch(r"\d+", entry):
+            position = int(entry)
+            chunk, in_chunk = divmod(position, chunk_length)
+            if chunk >= len(prompt.chunks):
+                raise SubjectError(f"token index {position} is out of range: the prompt has {len(flat)} token "
+                                   f"positions in {len(prompt.chunks)} chunk(s); valid content indices are "
+                                   f"{_valid_ranges(end_positions, chunk_length)}")
+            if in_chunk == 0 or in_chunk >= end_positions[chunk]:
+                what = "the start token" if in_chunk == 0 else ("the end token" if in_chunk == end_positions[chunk] else "padding")
+                raise SubjectError(f"token index {position} points at {what} of chunk {chunk}; valid content "
+                                   f"indices are {_valid_ranges(end_positions, chunk_length)} (prompt words: {words_hint})")
+            subjects.append(Subject(prompt.words[chunk][in_chunk], (position,), chunk))
+            continue
+        needle = _content_tokens(tokenizer, entry)
+        if not needle:
+            raise SubjectError(f"subject {entry!r} has no tokens")
+        positions = _find(flat, needle, chunk_length, end_positions)
+        if positions is None:
+            raise SubjectError(f"subject {entry!r} is not in the prompt (as whole tokens, e.g. 'cat' does not "
+                               f"match 'cats'); the prompt's words are: {words_hint}")
+        subjects.append(Subject(entry, tuple(positions), positions[0] // chunk_length))
+    return Subjects(tuple(subjects), text, chunk_length, tuple(end_positions), prompt.words)
+
+
+def _valid_ranges(end_positions, chunk_length) -> str:
+    return ", ".join(f"{c * chunk_length + 1}..{c * chunk_length + e - 1}" for c, e in enumerate(end_positions))
