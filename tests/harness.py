@@ -1,0 +1,191 @@
+"""Test harness (shared by conftest.py and the tests): a real ComfyUI host, the pack loaded the way ComfyUI loads custom nodes, tiny models.
+
+The host is found through COMFYUI_PATH, else the ComfyUI whose custom_nodes/ holds this pack, else
+~/comfy/ComfyUI (comfy-cli's default workspace).
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+PACK_DIR = Path(__file__).resolve().parent.parent
+
+
+def find_host() -> Path:
+    candidates = []
+    if os.environ.get("COMFYUI_PATH"):
+        candidates.append(Path(os.environ["COMFYUI_PATH"]).expanduser())
+    if PACK_DIR.parent.name == "custom_nodes":
+        candidates.append(PACK_DIR.parent.parent)
+    candidates.append(Path.home() / "comfy" / "ComfyUI")
+    for candidate in candidates:
+        if (candidate / "comfy" / "model_patcher.py").is_file():
+            return candidate.resolve()
+    raise pytest.UsageError(
+        "No ComfyUI host found (looked at: " + ", ".join(str(c) for c in candidates) + "). The tests run against a "
+        "real ComfyUI: clone https://github.com/comfyanonymous/ComfyUI, install its requirements into this Python, "
+        "and set COMFYUI_PATH to it (or clone this pack into ComfyUI/custom_nodes/).")
+
+
+HOST = find_host()
+
+
+def _boot_host():
+    sys.path.insert(0, str(HOST))
+    saved_argv = sys.argv
+    sys.argv = [sys.argv[0]]  # ComfyUI parses the command line at import
+    try:
+        from comfy.cli_args import args
+    finally:
+        sys.argv = saved_argv
+    args.cpu = True  # before comfy.model_management is imported
+    import utils  # noqa: F401  (ComfyUI's top-level utils must come before nodes)
+    import comfy.model_management  # noqa: F401
+    import nodes
+    module_name = str(PACK_DIR).replace(".", "_x_")
+    if module_name not in sys.modules:
+        assert asyncio.run(nodes.load_custom_node(str(PACK_DIR))), "ComfyUI failed to load the pack"
+    return sys.modules[module_name], module_name
+
+
+PACK, PACK_MODULE = _boot_host()
+
+
+def pack_module(name: str):
+    """A submodule of the pack as ComfyUI loaded it, e.g. pack_module('guidance.losses')."""
+    return importlib.import_module(f"{PACK_MODULE}.{name}")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return pack_module("tiny_models")
+
+
+@pytest.fixture(scope="session")
+def sd15(tiny):
+    return tiny.make_model("sd15"), tiny.make_clip("sd15")
+
+
+@pytest.fixture(scope="session")
+def sd2(tiny):
+    return tiny.make_model("sd2"), tiny.make_clip("sd2")
+
+
+@pytest.fixture(scope="session")
+def sdxl(tiny):
+    return tiny.make_model("sdxl"), tiny.make_clip("sdxl")
+
+
+@pytest.fixture(scope="session")
+def families(sd15, sd2, sdxl):
+    return {"sd15": sd15, "sd2": sd2, "sdxl": sdxl}
+
+
+# ---------------------------------------------------------------- whole workflows through ComfyUI's executor
+
+class _HeadlessServer:
+    """What PromptExecutor needs of a server when no web server runs: a place to send messages."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+CAPTURED: dict = {}  # what the TestCapture node saw, by label
+
+
+class TinyCheckpointLoader:
+    """Test loader: the tiny random model of a family, as CheckpointLoaderSimple would return it."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (["sd15", "sd2", "sdxl"],), "seed": ("INT", {"default": 0})}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, family, seed):
+        tiny = pack_module("tiny_models")
+        return tiny.make_model(family, seed), tiny.make_clip(family, seed + 1), tiny.make_vae(seed + 2)
+
+
+class TestCapture:
+    """Test output node: keeps whatever it is given, by label, for the test to inspect."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"label": ("STRING", {"default": "out"})},
+                "optional": {"value": ("*",), "model": ("MODEL",)}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, input_types):
+        return True
+
+    RETURN_TYPES = ()
+    FUNCTION = "keep"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def keep(self, label, value=None, model=None):
+        CAPTURED[label] = value if value is not None else model
+        return {}
+
+
+def _register_test_nodes():
+    import nodes
+    nodes.NODE_CLASS_MAPPINGS.setdefault("TinyCheckpointLoader", TinyCheckpointLoader)
+    nodes.NODE_CLASS_MAPPINGS.setdefault("TestCapture", TestCapture)
+
+
+class WorkflowRunner:
+    """Runs API-format prompts through ComfyUI's own PromptExecutor (validation included).
+
+    No output cache: every queued prompt executes every node, as a changed input would force."""
+
+    def __init__(self):
+        import execution
+        _register_test_nodes()
+        self.server = _HeadlessServer()
+        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.NONE,
+                                                 cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0})
+        self._count = 0
+
+    def run(self, prompt: dict) -> dict:
+        import execution
+        self._count += 1
+        prompt_id = f"test-{self._count}"
+        valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+        if not valid[0]:
+            raise AssertionError(f"prompt failed validation: {valid[1]} {valid[3]}")
+        CAPTURED.clear()
+        self.executor.execute(prompt, prompt_id, {}, valid[2])
+        if not self.executor.success:
+            errors = [d for e, d in self.executor.status_messages if e == "execution_error"]
+            raise WorkflowError(errors[0] if errors else self.executor.status_messages)
+        return dict(CAPTURED)
+
+
+class WorkflowError(Exception):
+    @property
+    def message(self) -> str:
+        detail = self.args[0]
+        return detail.get("exception_message", str(detail)) if isinstance(detail, dict) else str(detail)
+
+
+@pytest.fixture(scope="session")
+def runner():
+    return WorkflowRunner()
