@@ -6,6 +6,8 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from . import server_routes  # noqa: F401  (registers POST /attn_guide/tokenize when ComfyUI's server runs)
+
 WEB_DIRECTORY = "./web"
 
 

@@ -41,7 +41,7 @@ _SDXL_LAYOUT = {
 }
 _TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 2}
 _TEXT_G = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 3, "num_attention_heads": 2,
-           "projection_dim": 48}
+           "projection_dim": 96}
 
 
 def _init_weights_(module: torch.nn.Module, seed: int) -> None:
@@ -50,7 +50,7 @@ def _init_weights_(module: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, p in module.named_parameters():
             if p.numel() == 0:
-                continue
+                raise ValueError(f"tiny model parameter {name} is empty: the narrow config is inconsistent")
             if name.endswith("bias"):
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
             elif p.ndim == 0:  # scalars such as CLIP's logit_scale
@@ -84,6 +84,7 @@ def make_unet_model(family: str = "sd15", seed: int = 0) -> comfy.model_base.Bas
         model = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.EPS)
     elif family == "sd2":
         model_config = comfy.supported_models.SD20(config)
+        model_config.unet_config["num_head_channels"] = config["num_head_channels"]  # SD20 forces 64
         model = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.V_PREDICTION)
     else:
         model_config = comfy.supported_models.SDXL(config)
@@ -115,9 +116,8 @@ def make_clip(family: str = "sd15", seed: int = 1) -> comfy.sd.CLIP:
         target = _Target(comfy.text_encoders.sd2_clip.SD2ClipModel, comfy.text_encoders.sd2_clip.SD2Tokenizer,
                          {"model_options": {"clip_h_model_config": dict(_TEXT, projection_dim=64)}})
     elif family == "sdxl":
-        # SDXLClipModel builds its clip_l without a model_name, hence the "_model_config" key.
         target = _Target(comfy.sdxl_clip.SDXLClipModel, comfy.sdxl_clip.SDXLTokenizer,
-                         {"model_options": {"_model_config": dict(_TEXT), "clip_g_model_config": dict(_TEXT_G)}})
+                         {"model_options": {"clip_l_model_config": dict(_TEXT), "clip_g_model_config": dict(_TEXT_G)}})
     else:
         raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
     model_options = target.params.pop("model_options")
