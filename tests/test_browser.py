@@ -1,0 +1,406 @@
+"""The token picker: its route (POST /attn_guide/tokenize) and the picker in a real browser.
+
+The first tests call the route's code and its aiohttp handler in-process with ComfyUI's shipped
+tokenizer. The browser tests start the real ComfyUI server (main.py of the host, on loopback, --cpu)
+with the pack installed through an extra_model_paths YAML's custom_nodes entry, drive headless
+Chromium through both node renderers (classic LiteGraph canvas and Vue "Nodes 2.0"), click tokens,
+type, queue the prompt and wait for it in /history. They skip where /usr/bin/chromium is absent
+(`.ci/install-browser.sh` installs it and playwright).
+
+Set ATTN_GUIDE_SCREENSHOTS=<dir> to keep the screenshots the browser tests take.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import HOST, PACK_DIR, pack_module
+
+routes = pack_module("server_routes")
+subjects = pack_module("subjects")
+
+CHROMIUM = Path("/usr/bin/chromium")
+BROWSER_DIR = Path(__file__).resolve().parent / "browser"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+PROMPT = "a photo of a cat and a tiramisu"
+
+
+def content_tokens(answer):
+    return [t for chunk in answer["chunks"] for t in chunk["tokens"] if not t["special"]]
+
+
+# --- the route's answer, in-process ------------------------------------------------------------------
+
+def test_tokens_are_the_encoders_tokens_with_global_positions():
+    answer = routes.tokenize_response(PROMPT, "cat")
+    tokenizer = routes.shipped_tokenizer()
+    prompt = subjects.tokenize_prompt(tokenizer, PROMPT)
+    assert answer["chunk_length"] == 77 and answer["num_tokens"] == 77 and len(answer["chunks"]) == 1
+    tokens = answer["chunks"][0]["tokens"]
+    assert [t["position"] for t in tokens] == list(range(77))
+    assert [t["kind"] for t in tokens[:12]] == ["start"] + ["word"] * 10 + ["end"]
+    assert {t["kind"] for t in tokens[12:]} == {"padding"} and answer["chunks"][0]["end_position"] == 11
+    assert [t["text"] for t in tokens[1:11]] == ["a", "photo", "of", "a", "cat", "and", "a", "ti", "ram", "isu"]
+    assert [t["text"] for t in tokens[1:11]] == list(prompt.words[0][1:11])  # the pack's own decoding
+    # tiramisu is three word pieces: each knows its word and the pieces' positions
+    assert {t["position"]: (t["word"], t["word_positions"]) for t in tokens[8:11]} == {
+        8: ("tiramisu", [8, 9, 10]), 9: ("tiramisu", [8, 9, 10]), 10: ("tiramisu", [8, 9, 10])}
+    assert answer["subjects"] == [{"entry": "cat", "positions": [5], "error": None}]
+
+
+def test_long_prompt_positions_continue_across_77_token_chunks():
+    text = " ".join(["cat"] * 80) + " frog"
+    answer = routes.tokenize_response(text, "frog")
+    assert len(answer["chunks"]) == 2 and answer["num_tokens"] == 154
+    second = answer["chunks"][1]["tokens"]
+    assert second[0]["position"] == 77 and second[0]["kind"] == "start"
+    words = [t for t in second if not t["special"]]
+    # 80 cats + frog = 81 content tokens; the first chunk holds 75 of them
+    assert [t["text"] for t in words] == ["cat"] * 5 + ["frog"] and words[0]["position"] == 78
+    assert answer["subjects"] == [{"entry": "frog", "positions": [83], "error": None}]
+    assert subjects.resolve_subjects(routes.shipped_tokenizer(), text, "frog").subjects[0].token_positions == (83,)
+
+
+@pytest.mark.parametrize("text", [
+    PROMPT,
+    "a tomcat and a cat",                   # 'cat' alone first matches the tail of 'tomcat' (tom|cat)
+    "a cat, a (red cat:1.2); 2 cats and a cat",
+    "café au lait, a café and a housecat next to the house",
+    " ".join(f"w{i} cat" for i in range(50)),  # two chunks
+])
+def test_a_click_picks_what_the_node_resolves_to_these_tokens(text):
+    """A word's `pick` must make Attention Text Encode select exactly the clicked word's tokens."""
+    tokenizer = routes.shipped_tokenizer()
+    answer = routes.tokenize_response(text)
+    checked = 0
+    for token in content_tokens(answer):
+        if token["position"] != token["word_positions"][0]:
+            continue
+        resolved = subjects.resolve_subjects(tokenizer, text, token["pick"]).subjects[0].token_positions
+        if token["pick"].isdigit():
+            assert resolved == (token["position"],)
+        else:
+            assert token["pick"] == token["word"] and list(resolved) == token["word_positions"], token
+        checked += 1
+    assert checked == len({tuple(t["word_positions"]) for t in content_tokens(answer)})
+
+
+def test_repeated_words_and_separators_are_picked_by_index():
+    by_position = {t["position"]: t for t in content_tokens(routes.tokenize_response("a tomcat and a cat, 2 cats"))}
+    assert [by_position[p]["text"] for p in range(1, 10)] == ["a", "tom", "cat", "and", "a", "cat", ",", "2", "cats"]
+    assert by_position[2]["pick"] == by_position[3]["pick"] == "tomcat"
+    assert by_position[6]["pick"] == "6"      # 'cat' would resolve to the tail of 'tomcat' (position 3)
+    assert by_position[5]["pick"] == "5"      # the second 'a'
+    assert by_position[7]["pick"] == "7"      # ',' separates subjects
+    assert by_position[8]["pick"] == "8"      # '2' would be read as token index 2
+    assert by_position[9]["pick"] == "cats"
+
+
+def test_subjects_are_resolved_one_by_one_with_the_nodes_errors():
+    answer = routes.tokenize_response(PROMPT, "cat; dog, 9, 0, tiramisu")
+    by_entry = {s["entry"]: s for s in answer["subjects"]}
+    assert [s["entry"] for s in answer["subjects"]] == ["cat", "dog", "9", "0", "tiramisu"]
+    assert by_entry["cat"]["positions"] == [5] and by_entry["9"]["positions"] == [9]
+    assert by_entry["tiramisu"]["positions"] == [8, 9, 10]
+    assert by_entry["dog"]["positions"] == [] and "'dog' is not in the prompt" in by_entry["dog"]["error"]
+    assert "start token" in by_entry["0"]["error"]
+
+
+def _post_in_process(body: bytes) -> tuple[int, dict]:
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async def go():
+        table = web.RouteTableDef()
+        routes.register(table)
+        app = web.Application()
+        app.add_routes(table)
+        async with TestClient(TestServer(app)) as client:
+            response = await client.post(routes.ROUTE, data=body, headers={"Content-Type": "application/json"})
+            return response.status, await response.json()
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"a cat", "the body is not JSON"),
+    (b'["a cat"]', "must be a JSON object"),
+    (b"{}", "missing field 'text'"),
+    (b'{"text": 3}', "'text' must be a string, not int"),
+    (b'{"text": "a cat", "subjects": ["cat"]}', "'subjects' must be a string"),
+    (b'{"text": "a cat", "prompt": "x"}', "unknown field(s) 'prompt'; valid fields: 'text', 'subjects'"),
+    (json.dumps({"text": "cat " * 6000}).encode(), "'text' has 24000 characters; the token picker tokenizes at most 20000"),
+])
+def test_bad_requests_get_400_naming_the_problem(body, message):
+    status, answer = _post_in_process(body)
+    assert status == 400 and message in answer["error"], answer
+
+
+def test_good_request_gets_the_answer():
+    status, answer = _post_in_process(json.dumps({"text": PROMPT, "subjects": "cat"}).encode())
+    assert status == 200 and answer == routes.tokenize_response(PROMPT, "cat")
+
+
+# --- the real server and a real browser --------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(url: str, body=None, method=None):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method or ("POST" if data else "GET"),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read() or b"null")
+
+
+@pytest.fixture(scope="module")
+def comfy_server(tmp_path_factory):
+    """ComfyUI's main.py on a free loopback port, the pack (and the test's tiny loader) via extra_model_paths."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (bash .ci/install-browser.sh)")
+    pytest.importorskip("playwright", reason="the playwright package is absent (bash .ci/install-browser.sh)")
+    root = tmp_path_factory.mktemp("comfy")
+    nodes_dir = root / "extra" / "custom_nodes"
+    nodes_dir.mkdir(parents=True)
+    (nodes_dir / "comfyui-attention-guidance").symlink_to(PACK_DIR, target_is_directory=True)
+    (nodes_dir / "attn_guide_test_nodes").symlink_to(BROWSER_DIR / "tiny_nodes", target_is_directory=True)
+    config = root / "extra_model_paths.yaml"
+    config.write_text(f"attn_guide_browser_test:\n  base_path: {json.dumps(str(root / 'extra'))}\n"
+                      f"  custom_nodes: custom_nodes\n")
+    (root / "base" / "custom_nodes").mkdir(parents=True)  # main.py lists it before loading custom nodes
+    user = root / "base" / "user" / "default"
+    for folder in ("workflows", "subgraphs"):  # the frontend lists them at start; absent, they log 404s
+        (user / folder).mkdir(parents=True)
+    (user / "user.css").write_text("")
+    (user / "comfy.templates.json").write_text("[]")
+    (user / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))
+    port = _free_port()
+    log = (root / "server.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(port), "--cpu",
+         "--base-directory", str(root / "base"), "--extra-model-paths-config", str(config),
+         "--database-url", "sqlite:///:memory:", "--disable-auto-launch", "--disable-api-nodes"],
+        cwd=HOST, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 150
+        while True:
+            try:
+                if "AttnGuideTextEncode" in _http(f"{url}/object_info/AttnGuideTextEncode"):
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ComfyUI did not come up (exit code {server.poll()}):\n"
+                            + (root / "server.log").read_text()[-4000:])
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+def test_the_running_server_serves_the_route_and_the_picker(comfy_server):
+    assert _http(f"{comfy_server}{routes.ROUTE}", {"text": PROMPT}) == routes.tokenize_response(PROMPT)
+    with pytest.raises(urllib.error.HTTPError) as error:
+        _http(f"{comfy_server}{routes.ROUTE}", {"text": None})
+    assert error.value.code == 400 and "'text' must be a string" in json.loads(error.value.read())["error"]
+    assert "/extensions/comfyui-attention-guidance/js/token_picker.js" in _http(f"{comfy_server}/extensions")
+
+
+# Errors this frontend logs by itself in this offline, fresh-profile setup (also with the pack's script
+# blocked): index.html links /user.css, which this ComfyUI does not serve, and the frontend reads its
+# own graph once before creating it. Any other console error, or any page error, fails the test.
+FRONTEND_OWN_ERRORS = ("ComfyApp graph accessed before initialization",)
+FRONTEND_OWN_MISSING = ("/user.css",)
+
+# A blank graph in the tab's storage, so the frontend opens that instead of its default template graph
+# (whose model links point outside); set once per tab, so a reload restores what the test left.
+BLANK_GRAPH_INIT = """
+if (!sessionStorage.getItem("attn_guide_test")) {
+  sessionStorage.setItem("attn_guide_test", "1");
+  localStorage.setItem("workflow", JSON.stringify({last_node_id: 0, last_link_id: 0, nodes: [], links: [],
+    groups: [], config: {}, extra: {}, version: 0.4}));
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def browser(comfy_server):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+class Page:
+    """One ComfyUI tab with its console errors and the picker's requests recorded."""
+
+    def __init__(self, browser, url, renderer, shots: Path):
+        self.url, self.renderer, self.shots = url, renderer, shots
+        self.context = browser.new_context(viewport={"width": 1400, "height": 900})
+        self.context.add_init_script(BLANK_GRAPH_INIT)
+        self.page = self.context.new_page()
+        self.errors, self.tokenize_requests = [], []
+        self.page.on("console", self._on_console)
+        self.page.on("pageerror", lambda error: self.errors.append(f"page error: {error}"))
+        self.page.on("request", lambda r: self.tokenize_requests.append(r.post_data_json)
+                     if r.url.endswith(routes.ROUTE) else None)
+        self.page.on("response", self._on_response)
+
+    def _on_console(self, message):
+        missing = message.text.startswith("Failed to load resource") and \
+            any(message.location.get("url", "").endswith(path) for path in FRONTEND_OWN_MISSING)
+        if message.type == "error" and message.text not in FRONTEND_OWN_ERRORS and not missing:
+            self.errors.append(f"console error: {message.text} at {message.location}")
+
+    def _on_response(self, response):
+        if response.status >= 400 and not any(response.url.endswith(p) for p in FRONTEND_OWN_MISSING):
+            self.errors.append(f"HTTP {response.status} {response.request.method} {response.url}")
+
+    def open(self):
+        self.page.goto(self.url)
+        self.page.wait_for_function("window.app?.isGraphReady && window.app.extensionManager", timeout=60000)
+
+    @property
+    def picker(self):
+        return self.page.locator("[data-testid=attn-guide-token-picker]")
+
+    def token(self, pick):
+        return self.picker.locator(f'button[data-pick="{pick}"]')
+
+    def widget_value(self, name):
+        return self.page.evaluate(
+            "([id, name]) => window.app.graph.getNodeById(id).widgets.find(w => w.name === name).value", [2, name])
+
+    def wait_for_subjects(self, value):
+        self.page.wait_for_function(
+            "([id, value]) => window.app.graph.getNodeById(id).widgets.find(w => w.name === 'subjects').value === value",
+            arg=[2, value], timeout=5000)
+
+    def text_box(self):
+        if self.renderer == "vue":
+            return self.page.locator('[data-node-id="2"] textarea').first
+        self.page.evaluate("() => { window.app.graph.getNodeById(2).widgets.find(w => w.name === 'text')"
+                           ".element.dataset.testid = 'attn-guide-test-text' }")
+        return self.page.locator("[data-testid=attn-guide-test-text]")
+
+    def selected(self):
+        return self.picker.locator("button.agtp-selected").evaluate_all(
+            "buttons => buttons.map(b => [Number(b.dataset.position), b.dataset.pick])")
+
+    def screenshot(self, name):
+        self.shots.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(self.shots / f"{self.renderer}_{name}.png"))
+        self.picker.screenshot(path=str(self.shots / f"{self.renderer}_{name}_picker.png"))
+
+
+@pytest.fixture
+def shots(tmp_path):
+    return Path(os.environ["ATTN_GUIDE_SCREENSHOTS"]) if os.environ.get("ATTN_GUIDE_SCREENSHOTS") else tmp_path
+
+
+@pytest.mark.parametrize("renderer, new_word", [("classic", "frog"), ("vue", "dog")])
+def test_token_picker_in_the_browser(comfy_server, browser, shots, renderer, new_word):
+    _http(f"{comfy_server}/settings/Comfy.VueNodes.Enabled", renderer == "vue")
+    tab = Page(browser, comfy_server, renderer, shots)
+    try:
+        tab.open()
+        workflow = json.loads((BROWSER_DIR / "workflow_api.json").read_text())
+        tab.page.evaluate("async (workflow) => { await window.app.loadApiJson(workflow, 'attn_guide_test.json') }",
+                          workflow)
+        assert tab.page.evaluate("() => window.LiteGraph.vueNodesMode") == (renderer == "vue")
+
+        # the prompt's tokens, as the encoder sees them
+        tab.token("cat").wait_for(timeout=10000)
+        buttons = tab.picker.locator("button").evaluate_all(
+            "buttons => buttons.map(b => [Number(b.dataset.position), b.firstChild.textContent])")
+        assert buttons == [[p, t["text"]] for p, t in enumerate(content_tokens(routes.tokenize_response(PROMPT)), 1)]
+        specials = tab.picker.locator(".agtp-special").all_inner_texts()
+        assert [s.split("\n")[0] for s in specials] == ["SOT", "EOT", "pad ×65"]
+        assert tab.picker.locator("button.agtp-special, .agtp-special button").count() == 0
+
+        # a click makes 'cat' a subject
+        tab.token("cat").click()
+        tab.wait_for_subjects("cat")
+        tab.picker.locator('button.agtp-selected[data-pick="cat"]').wait_for(timeout=5000)
+        assert tab.selected() == [[5, "cat"]]
+
+        # typing updates the tokens (debounced: one request for the whole phrase) and keeps the choice
+        before = len(tab.tokenize_requests)
+        box = tab.text_box()
+        box.click()
+        tab.page.keyboard.press("End")
+        tab.page.keyboard.type(f" and a {new_word}", delay=20)
+        tab.token(new_word).wait_for(timeout=5000)
+        tab.page.wait_for_timeout(400)
+        typed = tab.tokenize_requests[before:]
+        assert 1 <= len(typed) <= 2, typed
+        assert typed[-1] == {"text": f"{PROMPT} and a {new_word}", "subjects": "cat"}
+        assert tab.selected() == [[5, "cat"]]
+
+        # clicking toggles: add the new word, remove cat, add it back
+        tab.token(new_word).click()
+        tab.wait_for_subjects(f"cat, {new_word}")
+        tab.token("cat").click()
+        tab.wait_for_subjects(new_word)
+        tab.token("cat").click()
+        tab.wait_for_subjects(f"{new_word}, cat")
+        tab.picker.locator('button.agtp-selected[data-pick="cat"]').wait_for(timeout=5000)
+        assert tab.selected() == [[5, "cat"], [13, new_word]]
+        tab.screenshot("picked")
+
+        # the choice is the `subjects` widget's value in the saved workflow; the picker saves nothing
+        saved = tab.page.evaluate("() => window.app.graph.serialize()")
+        node = next(n for n in saved["nodes"] if n["id"] == 2)
+        assert node["widgets_values"] == [f"{PROMPT} and a {new_word}", f"{new_word}, cat"]
+
+        # queue it from the Run button: the prompt carries the subjects and runs to the end
+        with tab.page.expect_request(lambda r: r.url.endswith("/prompt") and r.method == "POST") as sent:
+            tab.page.locator('[data-testid="queue-button"]').click()
+        prompt = sent.value.post_data_json["prompt"]
+        assert prompt["2"]["inputs"]["subjects"] == f"{new_word}, cat"
+        assert "$$attn_guide_token_picker" not in prompt["2"]["inputs"]
+        answer = sent.value.response().json()
+        assert answer["node_errors"] == {}, answer
+        history, deadline = {}, time.monotonic() + 90
+        while answer["prompt_id"] not in history or not history[answer["prompt_id"]]["status"].get("completed"):
+            assert time.monotonic() < deadline, f"the prompt did not complete: {history}"
+            time.sleep(0.25)
+            history = _http(f"{comfy_server}/history/{answer['prompt_id']}")
+            status = history.get(answer["prompt_id"], {}).get("status", {})
+            assert status.get("status_str") != "error", status
+        run = history[answer["prompt_id"]]
+        assert run["status"]["status_str"] == "success"
+        assert len(run["outputs"]["8"]["images"]) == 1
+
+        # a reload restores the workflow; the picker shows the saved choice again
+        tab.page.wait_for_timeout(1200)  # the frontend stores the open workflow after a change
+        tab.page.reload()
+        tab.page.wait_for_function("window.app?.isGraphReady && window.app.extensionManager", timeout=60000)
+        tab.picker.locator(f'button.agtp-selected[data-pick="{new_word}"]').wait_for(timeout=10000)
+        assert tab.widget_value("subjects") == f"{new_word}, cat"
+        assert tab.selected() == [[5, "cat"], [13, new_word]]
+        tab.screenshot("reloaded")
+        assert tab.errors == []
+    finally:
+        tab.context.close()
