@@ -135,3 +135,18 @@ def make_vae(seed: int = 2) -> comfy.sd.VAE:
     reference = AutoencoderKL(**params)
     _init_weights_(reference, seed)
     return comfy.sd.VAE(sd=reference.state_dict(), config={"params": params})
+
+
+def make_controlnet(family: str = "sd15", seed: int = 3):
+    """A CONTROL_NET for the tiny model of `family` (ComfyUI's cldm.ControlNet), with random weights.
+
+    The zero convolutions get small random weights instead of zeros, so the control visibly acts.
+    """
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    config = {k: v for k, v in _unet_config(family).items() if k not in ("out_channels", "transformer_depth_output")}
+    config.update(hint_channels=3, dtype=torch.float32, device=None)
+    control_model = comfy.cldm.cldm.ControlNet(**config)
+    _init_weights_(control_model, seed)
+    device = comfy.model_management.get_torch_device()
+    return comfy.controlnet.ControlNet(control_model, load_device=device, manual_cast_dtype=None)

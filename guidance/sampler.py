@@ -82,17 +82,21 @@ def validate_config(config: GuidanceConfig, subjects: Subjects) -> list[str]:
     return warnings
 
 
-class _NonInferenceTensors(TorchFunctionMode):
-    """Hands autograd non-inference copies of inference tensors (loaded weights, conds) for one pass.
+class _GuidedPassMode(TorchFunctionMode):
+    """Makes the host's forward differentiable for one guided pass, without changing the host.
 
-    ComfyUI runs prompts under inference_mode, so weights are inference tensors, which autograd cannot
-    save for backward. Copies are made on first use and dropped with the pass; the weights themselves
-    are never touched, so every unguided pass keeps using them as they are.
+    - ComfyUI runs prompts under inference_mode, so weights are inference tensors, which autograd cannot
+      save for backward: autograd gets non-inference copies, made on first use and dropped with the pass
+      (the weights themselves are never touched; unguided passes keep using them as they are).
+    - The UNet adds ControlNet residuals in place (`h += ctrl` on skip tensors autograd has saved). For the
+      residuals this pass produced (`residual_ids`), that add is made out of place; `h += ctrl` rebinds h to
+      the result, so the forward is unchanged. Other in-place ops are left alone.
     """
 
-    def __init__(self):
+    def __init__(self, residual_ids: set[int] | None = None):
         super().__init__()
         self.copies: dict[int, torch.Tensor] = {}
+        self.residual_ids = residual_ids if residual_ids is not None else set()
 
     def _swap(self, value):
         if isinstance(value, torch.Tensor) and value.is_inference():
@@ -106,6 +110,9 @@ class _NonInferenceTensors(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if (getattr(func, "__name__", "") == "add_" and len(args) > 1 and id(args[1]) in self.residual_ids
+                and args[0].requires_grad):
+            func = torch.add
         args = tuple(self._swap(a) for a in args)
         kwargs = {k: self._swap(v) for k, v in kwargs.items()}
         return func(*args, **kwargs)
@@ -123,7 +130,8 @@ class GuidanceRun:
                  config: GuidanceConfig, record: AttentionRecord, total_steps: int):
         self.inner_model = model_wrap.inner_model
         conds = getattr(model_wrap, "conds", {}) or {}
-        self.positive = conds.get("positive")
+        self.residual_ids: set[int] = set()  # ControlNet residuals of the current guided pass
+        self.positive = _guided_conds(conds["positive"], self.residual_ids) if conds.get("positive") is not None else None
         self.model_options = model_options
         self.capture = capture
         self.subjects = subjects
@@ -142,13 +150,15 @@ class GuidanceRun:
         capture.begin_evaluation()
         capture.guided, capture.truncate = True, self.config.truncate_pass
         sigmas = sigma.reshape(1).expand(x.shape[0]).to(x.dtype)
+        self.residual_ids.clear()
         try:
-            with _NonInferenceTensors():
+            with _GuidedPassMode(self.residual_ids):
                 comfy.samplers.calc_cond_batch(self.inner_model, [self.positive], x, sigmas, self.model_options)
         except TruncatedPass:
             pass
         finally:
             capture.guided = capture.truncate = False
+            self.residual_ids.clear()
         aggregated = capture.aggregated()
         capture.begin_evaluation()
         if aggregated is None:
@@ -177,6 +187,7 @@ class GuidanceRun:
 
     def guide(self, x: torch.Tensor, step: int, sigma: torch.Tensor) -> torch.Tensor:
         """The latent change before step `step` (Attend-and-Excite's per-step loop, batched per image)."""
+        comfy.model_management.throw_exception_if_processing_interrupted()
         config = self.config
         step_size = float(self.step_sizes[step])
         with torch.inference_mode(False), torch.enable_grad():
@@ -211,6 +222,34 @@ class GuidanceRun:
         total, _terms, maps = self.loss(latent, sigma)
         entry.refinement.append(total.tolist())
         return latent, total, maps
+
+
+class _ConstantControl:
+    """A ControlNet (or chain) whose residuals act in the guided pass but are constants for the gradient.
+
+    The guidance differentiates through the UNet only: the ControlNet's backward is not needed for the
+    attention maps' gradient, would cost a second network's backward, and ComfyUI's control code scales its
+    outputs in place, which autograd cannot differentiate through.
+    """
+
+    def __init__(self, control, residual_ids: set[int]):
+        self.inner = control
+        self.residual_ids = residual_ids
+
+    def get_control(self, *args, **kwargs):
+        with torch.no_grad():
+            out = self.inner.get_control(*args, **kwargs)
+        for residuals in (out or {}).values():
+            self.residual_ids.update(id(r) for r in residuals if r is not None)
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def _guided_conds(conds: list[dict], residual_ids: set[int]) -> list[dict]:
+    return [{**c, "control": _ConstantControl(c["control"], residual_ids)} if c.get("control") is not None else c
+            for c in conds]
 
 
 class _RecordingModel:
