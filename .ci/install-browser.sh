@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # What tests/test_browser.py needs: Debian's chromium (at /usr/bin/chromium) and the Python playwright
 # package, pinned. Playwright's own browser download is never used (the test launches /usr/bin/chromium).
-# Idempotent and non-interactive; installs into the Python on PATH (or $PYTHON), i.e. the venv that
-# runs the tests. Without root and without sudo it leaves chromium out and the browser tests skip.
+# Idempotent and non-interactive. Usage: install-browser.sh [python]: playwright goes into that Python
+# (default $PYTHON, else the python on PATH), the one that runs the tests. Without root and without
+# sudo it leaves chromium out and the browser tests skip.
 set -euo pipefail
 
 PLAYWRIGHT_VERSION=1.65.2
-PYTHON="${PYTHON:-python}"
+PYTHON="${1:-${PYTHON:-python}}"
 export DEBIAN_FRONTEND=noninteractive
 
 if [ ! -x /usr/bin/chromium ]; then

@@ -12,6 +12,8 @@ const NODE_ID = "AttnGuideTextEncode";
 const WIDGET_NAME = "$$attn_guide_token_picker";
 const ROUTE = "/attn_guide/tokenize";
 const TYPING_DELAY_MS = 250;
+const MIN_HEIGHT = 80;    // px the picker asks of the node at least
+const MAX_HEIGHT = 260;   // px it grows to with a long prompt; beyond, it scrolls
 // One colour per subject, in the order of the `subjects` widget (wraps after eight).
 const SUBJECT_COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324"];
 const SPECIAL_LABELS = { start: "SOT", end: "EOT", padding: "pad" };
@@ -35,11 +37,12 @@ function injectStyle() {
   const style = document.createElement("style");
   style.id = "attn-guide-token-picker-style";
   style.textContent = `
-.attn-guide-token-picker { box-sizing: border-box; width: 100%; height: 100%; overflow-y: auto;
+.attn-guide-token-picker { box-sizing: border-box; width: 100%; height: 100%; max-height: ${MAX_HEIGHT}px; overflow-y: auto;
   padding: 4px; border-radius: 6px; font: 12px/1.2 sans-serif; color: var(--input-text, #ddd);
   background: var(--comfy-input-bg, #222); border: 1px solid var(--border-color, #444); }
 .attn-guide-token-picker .agtp-status { color: var(--descrip-text, #999); margin: 0 2px 4px; }
-.attn-guide-token-picker .agtp-error { color: var(--error-text, #ff6b6b); margin: 2px; white-space: pre-wrap; }
+.attn-guide-token-picker .agtp-error { color: var(--error-text, #ff6b6b); margin: 2px; overflow: hidden;
+  display: -webkit-box; -webkit-box-orient: vertical; -webkit-line-clamp: 2; }
 .attn-guide-token-picker .agtp-chunk { display: flex; flex-wrap: wrap; gap: 3px; align-items: flex-start;
   padding: 3px 0; }
 .attn-guide-token-picker .agtp-chunk + .agtp-chunk { border-top: 2px dashed var(--border-color, #555); }
@@ -72,11 +75,13 @@ class TokenPicker {
     this.node = node;
     this.root = element("div", "attn-guide-token-picker");
     this.root.dataset.testid = "attn-guide-token-picker";
+    this.content = element("div", "agtp-content");  // natural height, measured to size the widget
+    this.root.append(this.content);
     this.timer = null;
     this.request = 0;     // id of the newest request; older answers are dropped
     this.shown = null;    // the {text, subjects} the current rendering answers
     this.answer = null;
-    this.root.append(element("div", "agtp-status", "Tokenizing…"));
+    this.content.append(element("div", "agtp-status", "Tokenizing…"));
     // Clicks choose tokens: they must not start a node drag or a canvas pan.
     this.root.addEventListener("pointerdown", (e) => { if (e.target.closest("button")) e.stopPropagation(); });
     this.root.addEventListener("click", (e) => this.onClick(e));
@@ -105,8 +110,8 @@ class TokenPicker {
 
   async refresh() {
     const values = this.values();
+    const id = ++this.request;  // also voids an answer still on its way for values since changed back
     if (this.shown && this.shown.text === values.text && this.shown.subjects === values.subjects) return;
-    const id = ++this.request;
     let answer;
     try {
       const response = await api.fetchApi(ROUTE, {
@@ -142,7 +147,7 @@ class TokenPicker {
   }
 
   renderError(message) {
-    this.root.replaceChildren(element("div", "agtp-error", message));
+    this.content.replaceChildren(element("div", "agtp-error", message));
   }
 
   render() {
@@ -162,9 +167,30 @@ class TokenPicker {
     parts.push(element("div", "agtp-status", `${content} tokens in ${chunks.length} chunk` +
       `${chunks.length === 1 ? "" : "s"} of ${this.answer.chunk_length} · ` +
       (chosen.length ? `subjects: ${chosen.join(", ")}` : "click a word to make it a subject")));
-    for (const s of subjects.filter((s) => s.error)) parts.push(element("div", "agtp-error", s.error));
+    for (const s of subjects.filter((s) => s.error)) {
+      const error = element("div", "agtp-error", s.error);
+      error.title = s.error;  // two lines show; the whole message (with the prompt's words) on hover
+      parts.push(error);
+    }
     for (const chunk of chunks) parts.push(this.renderChunk(chunk, colorOf));
-    this.root.replaceChildren(...parts);
+    this.content.replaceChildren(...parts);
+    this.fitNode();
+  }
+
+  // The height the content wants, within [MIN_HEIGHT, MAX_HEIGHT].
+  wantedHeight() {
+    return Math.min(MAX_HEIGHT, Math.max(MIN_HEIGHT, this.content.offsetHeight + 10));  // + padding, border
+  }
+
+  // Classic canvas: grow the node when the tokens need more room (never shrink what the user sized).
+  // The Vue renderer lays the node out around the element by itself.
+  fitNode() {
+    if (globalThis.LiteGraph?.vueNodesMode || !this.node.computeSize) return;
+    const wanted = this.node.computeSize()[1];
+    if (wanted > this.node.size[1]) {
+      this.node.setSize([this.node.size[0], wanted]);
+      this.node.setDirtyCanvas?.(true, true);
+    }
   }
 
   renderChunk(chunk, colorOf) {
@@ -243,21 +269,19 @@ function attachPicker(node) {
     hideOnZoom: true,
     getValue: () => "",
     setValue: () => {},
-    getMinHeight: () => 110,
-    getMaxHeight: () => 360,
+    getMinHeight: () => picker.wantedHeight(),
+    getMaxHeight: () => MAX_HEIGHT,
   });
   widget.serialize = false;  // nor into the workflow: the choice lives in `subjects`
   widget.label = "CLIP tokens";
-  widget.onRemove = ((original) => function () {
-    picker.dispose();
-    return original?.apply(this, arguments);
-  })(widget.onRemove);
+  chainCallback(widget, "onRemove", () => picker.dispose());
   node.attnGuideTokenPicker = picker;
   for (const name of ["text", "subjects"]) {
     const target = node.widgets?.find((w) => w.name === name);
-    if (target) chainCallback(target, "callback", () => picker.schedule(name === "text" ? TYPING_DELAY_MS : 0));
+    if (target) chainCallback(target, "callback", () => picker.schedule());
   }
   chainCallback(node, "onConfigure", () => picker.schedule(0));  // loaded from a workflow, undo, paste
+  chainCallback(node, "onConnectionsChange", () => picker.answer && picker.render());  // text linked or not
   picker.schedule(0);
 }
 
