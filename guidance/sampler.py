@@ -300,7 +300,11 @@ class AttentionSampler(comfy.samplers.KSAMPLER):
             log.warning("attention guidance: %s", warning)
         capture = AttentionCapture(layers, resolution)
         extra_args = dict(extra_args)
-        extra_args["model_options"] = capture.install(extra_args["model_options"])
+        # the guided passes always read maps; the sampler's own passes only when maps are recorded, so that
+        # unguided steps cost what plain sampling costs
+        captured_options = capture.install(extra_args["model_options"])
+        if self.record_maps:
+            extra_args["model_options"] = captured_options
         total_steps = len(sigmas) - 1
         record = AttentionRecord(self.subjects, resolution, total_steps=total_steps)
         self.last_record = record
@@ -316,10 +320,10 @@ class AttentionSampler(comfy.samplers.KSAMPLER):
         model_sampling = model_wrap.inner_model.model_sampling
         x = model_sampling.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
 
-        recorder = _RecordingModel(model_k, capture, record, sigmas)
+        recorder = _RecordingModel(model_k, capture, record, sigmas) if self.record_maps else model_k
         capture.recording = self.record_maps
         guided = [i for i in self.config.guided_steps(total_steps) if i < total_steps] if self.config.enabled else []
-        run = GuidanceRun(model_wrap, extra_args["model_options"], capture, self.subjects, self.config, record,
+        run = GuidanceRun(model_wrap, captured_options, capture, self.subjects, self.config, record,
                           total_steps) if guided else None
         if run is not None and run.positive is None:
             raise ValueError("the guider has no 'positive' conditioning to guide (use CFGGuider or BasicGuider)")
@@ -330,13 +334,15 @@ class AttentionSampler(comfy.samplers.KSAMPLER):
         for segment, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
             if run is not None and start in guided:
                 x = run.guide(x, start, sigmas[start])
-            recorder.step = start
+            if self.record_maps:
+                recorder.step = start
             seg_args = dict(extra_args)
             if seed is not None and segment > 0:
                 seg_args["seed"] = seed + segment
 
             def seg_callback(info, offset=start):
-                recorder.step = offset + info["i"] + 1
+                if self.record_maps:
+                    recorder.step = offset + info["i"] + 1
                 if callback is not None:
                     callback(offset + info["i"], info["denoised"], info["x"], total_steps)
 

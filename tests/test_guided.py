@@ -233,3 +233,65 @@ def test_single_subject_segregation_is_skipped_not_crashing(sd15, caplog):
                                    seed=1)
     assert any("segregation" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
     assert set(guided.last_record.losses[0].terms) == {"attend_and_excite"}
+
+
+def _guided_gradient(model, clip, truncate):
+    """dL/dx of the first guided step, through the pack's own guided pass."""
+    grads = []
+    original = sampler_mod.GuidanceRun.update
+
+    def update(self, x, total, sigma, step_size, active=None):
+        grads.append(torch.autograd.grad(total.sum(), [x], retain_graph=True)[0])
+        return original(self, x, total, sigma, step_size, active)
+
+    sampler_mod.GuidanceRun.update = update
+    try:
+        _run(model, clip, GuidanceConfig(truncate_pass=truncate, refinement=(), guidance_end=0.25), steps=4)
+    finally:
+        sampler_mod.GuidanceRun.update = original
+    return grads[0]
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_truncated_pass_gradient_equals_full_pass(families, family):
+    model, clip = families[family]
+    truncated = _guided_gradient(model, clip, truncate=True)
+    full = _guided_gradient(model, clip, truncate=False)
+    assert full.abs().max() > 0
+    assert ((truncated - full).norm() / full.norm()).item() < 1e-5
+
+
+def test_truncated_pass_stops_after_the_last_captured_layer(sd15):
+    """The blocks after the last 1/4-resolution layer (SD1.x: output blocks 6..11) never run in a guided pass."""
+    model, clip = sd15
+    unet = model.model.diffusion_model
+    ran = []
+    # the UNet runs each block's layers itself: hook the first layer (ResBlock) of every output block
+    hooks = [block[0].register_forward_hook(lambda m, i, o, n=n: ran.append((n, torch.is_grad_enabled())))
+             for n, block in enumerate(unet.output_blocks)]
+    try:
+        _run(model, clip, GuidanceConfig(refinement=(), guidance_end=0.5), steps=2)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    guided_blocks = {n for n, grad in ran if grad}
+    assert guided_blocks == {0, 1, 2, 3, 4, 5}  # block 5 holds the last captured layer and stops inside it
+    assert {n for n, grad in ran if not grad} == set(range(12))
+
+
+def test_subject_in_second_chunk_is_guided(sd15):
+    model, clip = sd15
+    text = ", ".join(["a small stone"] * 20) + ", a cat and a frog"
+    subjects = subjects_mod.resolve_subjects(clip.tokenizer, text, "cat, frog")
+    assert {s.chunk for s in subjects.subjects} == {1}
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    guided = sampler_mod.AttentionSampler(comfy.samplers.sampler_object("euler"), subjects, AE)
+    ks = comfy.samplers.KSampler(model, steps=2, device=model.load_device, sampler="euler", scheduler="normal",
+                                 denoise=1.0, model_options=model.model_options)
+    noise = comfy.sample.prepare_noise(LATENT["samples"], 1)
+    out = comfy.sample.sample_custom(model, noise, 7.5, guided, ks.sigmas, positive, negative, LATENT["samples"],
+                                     disable_pbar=True, seed=1)
+    assert torch.isfinite(out).all()
+    record = guided.last_record
+    assert record.maps[0].shape[-1] == 154 and 0 < record.losses[0].total[0] < 1
