@@ -59,7 +59,8 @@ def _lut_from_hex(entries: str) -> np.ndarray:
 
 def _lut_from_segments(segments: dict) -> np.ndarray:
     t = np.linspace(0.0, 1.0, _LUT_SIZE)
-    channels = [np.interp(t, [p for p, _ in segments[c]], [v for _, v in segments[c]]) for c in ("red", "green", "blue")]
+    channels = [np.interp(t, [p for p, _ in segments[c]], [v for _, v in segments[c]])
+                for c in ("red", "green", "blue")]
     return np.stack(channels, axis=-1).astype(np.float32)
 
 
@@ -189,7 +190,8 @@ def draw_caption(canvas: Image.Image, title: str, detail: str = "", colormap: st
     bar_w = max(title_w, detail_w, size * 4)
     bar_h = max(4, size // 3) if colormap else 0
     box_w = bar_w + 2 * pad
-    box_h = pad + size + (pad // 2 + _detail_size(size) if detail else 0) + (pad + bar_h + _detail_size(size) if colormap else 0) + pad
+    box_h = (pad + size + (pad // 2 + _detail_size(size) if detail else 0)
+             + (pad + bar_h + _detail_size(size) if colormap else 0) + pad)
     box_w = min(box_w, canvas.width)
     overlay = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
@@ -235,6 +237,9 @@ def render_heatmaps(maps, labels: list[str], colormap: str, picture: np.ndarray 
 
 # ---------------------------------------------------------------- timeline
 
+TIMELINE_COLUMNS = 25  # steps per band; longer runs wrap into several bands, one under the other
+
+
 def _tile_side(columns: int) -> int:
     return int(min(128, max(48, 2400 // max(columns, 1))))
 
@@ -243,11 +248,14 @@ def render_timeline(maps, labels: list[str], steps: list[int], colormap: str, pi
                     opacity: float = 0.6, title: str = "") -> np.ndarray:
     """A grid: one row per subject, one column per recorded step, each tile normalised to its own min..max.
 
-    maps: [T, S, h, w]; steps: the T sampling step numbers (column headers). Returns [H, W, 3].
+    More than TIMELINE_COLUMNS steps wrap into bands of equal length, each with its own step header
+    and subject rows. maps: [T, S, h, w]; steps: the T sampling step numbers. Returns [H, W, 3].
     """
     maps = np.asarray(maps.detach().cpu().float() if isinstance(maps, torch.Tensor) else maps, np.float32)
     count, subjects = maps.shape[:2]
-    tile_h, tile_w = display_size(maps.shape[-2:], _tile_side(count))
+    bands = math.ceil(count / TIMELINE_COLUMNS)
+    per_band = math.ceil(count / bands)
+    tile_h, tile_w = display_size(maps.shape[-2:], _tile_side(per_band))
     tiles = apply_colormap(normalise(upsample(maps.reshape(-1, *maps.shape[-2:]), (tile_h, tile_w))), colormap)
     tiles = tiles.reshape(count, subjects, tile_h, tile_w, 3)
     small = fit_picture(picture, (tile_h, tile_w)) if picture is not None else None
@@ -258,27 +266,28 @@ def render_timeline(maps, labels: list[str], steps: list[int], colormap: str, pi
     label_w = max(text_size(label, face)[0] for label in labels) + 2 * margin
     title_h = size + 2 * margin if title else 0
     header_h = 13 + margin
-    width = label_w + count * (tile_w + gap) + margin
-    height = title_h + header_h + subjects * (tile_h + gap) + margin + 24
+    band_h = header_h + subjects * (tile_h + gap) + margin
+    width = label_w + per_band * (tile_w + gap) + margin
+    height = title_h + bands * band_h + 24
     canvas = Image.new("RGB", (width, height), (28, 28, 28))
     draw = ImageDraw.Draw(canvas)
     if title:
         draw.text((margin, margin), title, font=face, fill=(255, 255, 255))
-    top = title_h + header_h
-    # step numbers above the columns; every k-th one when they would collide
     widest = max(text_size(str(s), header_face)[0] for s in steps) + 6
-    every = max(1, math.ceil(widest / (tile_w + gap)))
-    for column, step in enumerate(steps):
-        if column % every == 0 or column == count - 1 and every == 1:
-            text = str(step)
-            x = label_w + column * (tile_w + gap) + (tile_w - text_size(text, header_face)[0]) // 2
-            draw.text((x, title_h), text, font=header_face, fill=(200, 200, 200))
-    for row, label in enumerate(labels):
-        y = top + row * (tile_h + gap)
-        draw.text((margin, y + (tile_h - size) // 2), label, font=face, fill=(255, 255, 255))
-        for column in range(count):
-            tile = _to_pil(blend(tiles[column, row], small, opacity))
-            canvas.paste(tile, (label_w + column * (tile_w + gap), y))
+    every = max(1, math.ceil(widest / (tile_w + gap)))  # label every k-th column when numbers would collide
+    for band in range(bands):
+        band_top = title_h + band * band_h
+        columns = range(band * per_band, min(count, (band + 1) * per_band))
+        for column, index in enumerate(columns):
+            if column % every == 0:
+                text = str(steps[index])
+                x = label_w + column * (tile_w + gap) + (tile_w - text_size(text, header_face)[0]) // 2
+                draw.text((x, band_top), text, font=header_face, fill=(200, 200, 200))
+        for row, label in enumerate(labels):
+            y = band_top + header_h + row * (tile_h + gap)
+            draw.text((margin, y + (tile_h - size) // 2), label, font=face, fill=(255, 255, 255))
+            for column, index in enumerate(columns):
+                canvas.paste(_to_pil(blend(tiles[index, row], small, opacity)), (label_w + column * (tile_w + gap), y))
     footer = "columns: sampling step; each tile normalised to its own min..max"
     draw.text((margin, height - 20), footer, font=header_face, fill=(170, 170, 170))
     return _from_pil(canvas)
@@ -391,7 +400,8 @@ def render_loss_plot(losses, batch_index: int = 0, total_steps: int = 0, size: t
     x_ticks = [int(t) for t in x_ticks if float(t).is_integer() and x_low <= t <= x_high] or [x_low, x_high]
 
     left, right, top, bottom = 78, width - 24, 48, height - 58
-    legend = [("total (weighted)", (0, 0, 0))] + [(n, _TERM_COLOURS[i % len(_TERM_COLOURS)]) for i, n in enumerate(names)]
+    legend = [("total (weighted)", (0, 0, 0))]
+    legend += [(n, _TERM_COLOURS[i % len(_TERM_COLOURS)]) for i, n in enumerate(names)]
     if refinements:
         legend.append((f"refinement iteration ({len(refinements)})", _REFINEMENT_COLOUR))
     if afters:

@@ -41,8 +41,8 @@ def _record(per_step_maps, labels, batch=1):
 
 def _lut_positions(image, colormap):
     """Each pixel's position on the colormap (0 = cold end, 1 = hot end): the nearest LUT entry."""
-    lut = rendering.COLORMAPS[colormap]
-    distances = ((image[..., None, :] - lut) ** 2).sum(-1)
+    lut = rendering.COLORMAPS[colormap][::2]  # every other entry: 1/255 resolution is not needed
+    distances = ((np.asarray(image)[..., None, :] - lut) ** 2).sum(-1)
     return distances.argmin(-1) / (len(lut) - 1), distances.min(-1)
 
 
@@ -85,10 +85,10 @@ def test_step_map_is_hottest_at_the_subject_peak(colormap):
     assert out.shape == (2, 512, 512, 3) and out.dtype == np.float32
     for index, (row, col) in enumerate([(11, 12), (9, 4)]):
         image = out[index]
-        position, distance = _lut_positions(image[200:, :], colormap)  # below the caption box
+        position, distance = _lut_positions(image[200::2, ::2], colormap)  # below the caption box
         hot_y, hot_x = np.unravel_index(position.argmax(), position.shape)
         want_y, want_x = _cell_centre(row, col, 512)
-        assert abs(hot_y + 200 - want_y) <= 32 and abs(hot_x - want_x) <= 32, (colormap, index)
+        assert abs(2 * hot_y + 200 - want_y) <= 32 and abs(2 * hot_x - want_x) <= 32, (colormap, index)
         assert position.max() > 0.99 and distance.max() < 1e-3  # pure map colours, the hot end at the peak
         # far from the peak: the cold end of the colormap
         far_y, far_x = (511, 0) if col > 8 else (511, 511)
@@ -103,8 +103,8 @@ def test_step_selection_and_average():
     record = _record(steps, ["cat"])
 
     def hottest_row(out):
-        position, _ = _lut_positions(out[0][150:], "inferno")
-        return (np.unravel_index(position.argmax(), position.shape)[0] + 150) * SIDE / 512 - 0.5
+        position, _ = _lut_positions(out[0][150::2, ::2], "inferno")
+        return (2 * np.unravel_index(position.argmax(), position.shape)[0] + 150) * SIDE / 512 - 0.5
 
     assert abs(hottest_row(render(record, "step", 1, "inferno", 0.6, 0)) - 7) <= 1
     assert abs(hottest_row(render(record, "step", -1, "inferno", 0.6, 0)) - 11) <= 1
@@ -132,37 +132,44 @@ def test_overlay_blends_with_the_picture():
 
 # ---------------------------------------------------------------- timeline
 
-def _runs(mask):
-    """Number of contiguous True runs in a 1-D mask."""
-    mask = np.asarray(mask, bool)
-    return int(mask[0]) + int((mask[1:] & ~mask[:-1]).sum())
+def _tiles(image):
+    """Bounding boxes (top, left, bottom, right) of the coloured tiles of a timeline, in reading order
+    (tiles are coloured; background and text are grey)."""
+    from scipy import ndimage
+    coloured = (image.max(-1) - image.min(-1)) > 0.08
+    labelled, count = ndimage.label(coloured)
+    boxes = [(s[0].start, s[1].start, s[0].stop, s[1].stop) for s in ndimage.find_objects(labelled)]
+    largest = max((b[2] - b[0]) * (b[3] - b[1]) for b in boxes)
+    return sorted(b for b in boxes if (b[2] - b[0]) * (b[3] - b[1]) > 0.8 * largest)
 
 
 def test_timeline_has_one_tile_per_subject_and_step():
     steps, labels = 5, ["cat", "frog", "red car"]
-    per_step = [[_blob(2 + 2 * t, 3) * (t + 1), _blob(8, 8), _blob(13, 2 + 2 * t)] for t in range(steps)]
+    per_step = [[_blob(2 + 2 * t, 8) * (t + 1), _blob(8, 8), _blob(13, 2 + 2 * t)] for t in range(steps)]
     out = render(_record(per_step, labels), "timeline", 0, "turbo", 0.6, 0)
     assert out.shape[0] == 1
-    image = out[0]
-    coloured = (image.max(-1) - image.min(-1)) > 0.08  # tiles are coloured; background and text are grey
-    rows = np.flatnonzero(coloured.any(axis=1))
-    columns = np.flatnonzero(coloured.any(axis=0))
-    assert _runs(coloured[:, columns[len(columns) // 2]]) == len(labels)
-    tile_rows = [r for r in range(image.shape[0]) if coloured[r].sum() > 0.5 * len(columns)]
-    middle_of_first_row = tile_rows[len(tile_rows) // (2 * len(labels))]
-    assert _runs(coloured[middle_of_first_row]) == steps
-    assert rows[-1] - rows[0] > len(labels) * 48 - 1
+    tiles = _tiles(out[0])
+    assert len(tiles) == steps * len(labels)
+    assert len({t[0] for t in tiles}) == len(labels) and len({t[1] for t in tiles}) == steps  # a grid
+    assert min(t[2] - t[0] for t in tiles) >= 48
     # every tile is normalised on its own: the first subject grows 5x over the steps, yet each tile
-    # reaches the hot end, and its hot spot moves down with the map
-    first_row = image[rows[0]:rows[0] + (rows[-1] - rows[0]) // 3]
-    width = (columns[-1] - columns[0] + 1) / steps
+    # reaches the hot end; its hot spot moves down with the map (row 2 -> 10 of 16)
+    first_row = [t for t in tiles if t[0] == tiles[0][0]]
     hot_rows = []
-    for t in range(steps):
-        tile = first_row[:, int(columns[0] + t * width):int(columns[0] + (t + 1) * width) - 3]
-        position, _ = _lut_positions(tile, "turbo")
+    for top, left, bottom, right in sorted(first_row, key=lambda t: t[1]):
+        position, _ = _lut_positions(out[0][top:bottom, left:right], "turbo")
         assert position.max() > 0.97
-        hot_rows.append(np.unravel_index(position.argmax(), position.shape)[0])
-    assert hot_rows == sorted(hot_rows) and hot_rows[-1] - hot_rows[0] > 2 * (len(first_row) / SIDE) * 3
+        hot_rows.append(np.unravel_index(position.argmax(), position.shape)[0] * SIDE / (bottom - top))
+    assert hot_rows == sorted(hot_rows) and hot_rows[-1] - hot_rows[0] > 6
+
+
+def test_long_timelines_wrap_into_bands():
+    steps = 30  # more than TIMELINE_COLUMNS: two bands of 15
+    out = render(_record([[_blob(t % 16, 8), _blob(8, 8)] for t in range(steps)], ["cat", "frog"]), "timeline", 0,
+                 "viridis", 0.6, 0)
+    tiles = _tiles(out[0])
+    assert len(tiles) == 2 * steps
+    assert len({t[0] for t in tiles}) == 4 and len({t[1] for t in tiles}) == 15
 
 
 # ---------------------------------------------------------------- overlap
@@ -223,10 +230,15 @@ def test_loss_plot_follows_the_losses():
     assert pixels_of(plot, blue) > 300
     refined = render(_with_losses(_losses(refinement_iterations=3)), "loss plot", 0, "turbo", 0.6, 0)
     assert pixels_of(refined, rendering._REFINEMENT_COLOUR) > pixels_of(plot, rendering._REFINEMENT_COLOUR) + 30
-    # batch_index picks the image whose losses are drawn
+    # batch_index picks the image whose losses are drawn (compared below the title, which names the image)
     two = _with_losses(_losses(batch=2), batch=2)
-    assert not np.array_equal(render(two, "loss plot", 0, "turbo", 0.6, 0),
-                              render(two, "loss plot", 0, "turbo", 0.6, 1))
+    second_alone = _losses(batch=2)
+    for entry in second_alone:
+        entry.terms = {name: values[1:] for name, values in entry.terms.items()}
+        entry.total = entry.total[1:]
+    second = render(two, "loss plot", 0, "turbo", 0.6, 1)[0, 45:]
+    assert np.array_equal(second, render(_with_losses(second_alone), "loss plot", 0, "turbo", 0.6, 0)[0, 45:])
+    assert not np.array_equal(second, render(two, "loss plot", 0, "turbo", 0.6, 0)[0, 45:])
 
 
 def test_loss_plot_lines_sit_at_their_values():
@@ -289,11 +301,11 @@ def test_real_attention_ksampler_then_visualiser(runner):
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 256, "height": 192, "batch_size": 1}},
         "5": {"class_type": "AttnGuideGuidance", "inputs": {
             "attend_and_excite_weight": 1.0, "segregation_weight": 0.5, "retention_weight": 0.0,
-            "attendance_weight": 0.0, "scale_factor": 20.0, "guidance_start": 0.0, "guidance_end": 0.34,
+            "attendance_weight": 0.0, "scale_factor": 20.0, "guidance_start": 0.0, "guidance_end": 0.5,
             "refinement": "", "max_refinement_steps": 0, "softmax_temperature": 100.0, "exclude_padding": False,
             "smoothing_sigma": 0.5, "retention_threshold": 0.5, "truncate_pass": True}},
         "6": {"class_type": "AttnGuideKSampler", "inputs": {
-            "model": ["1", 0], "seed": 3, "steps": 3, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal",
+            "model": ["1", 0], "seed": 3, "steps": 2, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal",
             "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0,
             "subjects": ["2", 1], "attention_resolution": 0, "record_maps": True, "guidance": ["5", 0]}},
         "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
@@ -309,13 +321,13 @@ def test_real_attention_ksampler_then_visualiser(runner):
     }
     out = runner.run(prompt)
     record, maps = out["attention"], out["maps"]
-    assert record.steps == [0, 1, 2] and record.resolution == (6, 8) and len(record.losses) == 1
+    assert record.steps == [0, 1] and record.resolution == (6, 8) and len(record.losses) == 1
     assert maps.shape == (2, 192, 256, 3)  # one map per subject, at the decoded picture's size
     assert out["loss"].shape == (1, 540, 960, 3)
     # the map drawn is the record's: with opacity 1 (no picture) the hot end sits at the subject's peak
     direct = torch.from_numpy(render(record, "step", -1, "turbo", 1.0, 0))
     for index in range(2):
-        raw = record.subject_maps(2)[0, index]
+        raw = record.subject_maps(1)[0, index]
         peak_row, peak_col = divmod(int(raw.argmax()), raw.shape[1])
         position, _ = _lut_positions(direct[index].numpy(), "turbo")
         y, x = int((peak_row + 0.5) * 512 / 8), int((peak_col + 0.5) * 512 / 8)
