@@ -338,12 +338,17 @@ def test_token_picker_in_the_browser(comfy_server, browser, shots, renderer, new
         specials = tab.picker.locator(".agtp-special").all_inner_texts()
         assert [s.split("\n")[0] for s in specials] == ["SOT", "EOT", "pad ×65"]
         assert tab.picker.locator("button.agtp-special, .agtp-special button").count() == 0
+        assert tab.picker.locator(".agtp-chunk-label").all_inner_texts() == ["chunk 1 · positions 0–76"]
 
         # a click makes 'cat' a subject
         tab.token("cat").click()
         tab.wait_for_subjects("cat")
         tab.picker.locator('button.agtp-selected[data-pick="cat"]').wait_for(timeout=5000)
         assert tab.selected() == [[5, "cat"]]
+        tab.picker.locator(".agtp-start").click()  # start, end and padding are not subjects
+        tab.picker.locator(".agtp-padding").click()
+        tab.page.wait_for_timeout(300)
+        assert tab.widget_value("subjects") == "cat"
 
         # typing updates the tokens (debounced: one request for the whole phrase) and keeps the choice
         before = len(tab.tokenize_requests)
