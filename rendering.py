@@ -364,7 +364,7 @@ def render_loss_plot(losses, batch_index: int = 0, total_steps: int = 0, size: t
     in iteration order, joined to the step's first loss by a thin line).
 
     losses: StepLoss-like objects (step, terms {name: [per image]}, total [per image],
-    refinement [[per image] per iteration], after [per image] or None). Returns [H, W, 3].
+    refinement [[per image] per iteration]). Returns [H, W, 3].
     """
     height, width = size
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
@@ -384,10 +384,9 @@ def render_loss_plot(losses, batch_index: int = 0, total_steps: int = 0, size: t
         count = len(entry.refinement)
         for k, values in enumerate(entry.refinement):
             refinements.append((entry.step, entry.step + 0.85 * (k + 1) / (count + 1), value(values)))
-    afters = [(e.step + 0.9, value(e.after)) for e in losses if getattr(e, "after", None)]
 
     ys = [y for _, y in points_total] + [y for pts in points_terms.values() for _, y in pts]
-    ys += [y for _, _, y in refinements] + [y for _, y in afters]
+    ys += [y for _, _, y in refinements]
     ys = [y for y in ys if math.isfinite(y)] or [0.0, 1.0]
     spread = max(ys) - min(ys)
     margin = 0.08 * spread if spread > 0 else 0.05 * max(abs(max(ys)), 1e-3)
@@ -404,8 +403,6 @@ def render_loss_plot(losses, batch_index: int = 0, total_steps: int = 0, size: t
     legend += [(n, _TERM_COLOURS[i % len(_TERM_COLOURS)]) for i, n in enumerate(names)]
     if refinements:
         legend.append((f"refinement iteration ({len(refinements)})", _REFINEMENT_COLOUR))
-    if afters:
-        legend.append(("after the step's update", (90, 90, 90)))
     legend_w = max(text_size(t, small)[0] for t, _ in legend) + 40
     right -= legend_w + 12
 
@@ -455,9 +452,6 @@ def render_loss_plot(losses, batch_index: int = 0, total_steps: int = 0, size: t
         for x, y in path[1:]:
             draw.line((x - 4, y - 4, x + 4, y + 4), fill=_REFINEMENT_COLOUR, width=2)
             draw.line((x - 4, y + 4, x + 4, y - 4), fill=_REFINEMENT_COLOUR, width=2)
-    for x, y in afters:
-        cx, cy = px(x, y)
-        draw.ellipse((cx - 4, cy - 4, cx + 4, cy + 4), outline=(90, 90, 90), width=2)
 
     lx, ly = right + 14, top
     draw.rectangle((lx, ly, lx + legend_w, ly + 10 + 20 * len(legend)), outline=(180, 180, 180), fill=(252, 252, 252))
@@ -466,8 +460,6 @@ def render_loss_plot(losses, batch_index: int = 0, total_steps: int = 0, size: t
         if colour == _REFINEMENT_COLOUR:
             draw.line((lx + 10, y + 3, lx + 20, y + 13), fill=colour, width=2)
             draw.line((lx + 10, y + 13, lx + 20, y + 3), fill=colour, width=2)
-        elif text.startswith("after"):
-            draw.ellipse((lx + 10, y + 3, lx + 20, y + 13), outline=colour, width=2)
         else:
             draw.line((lx + 6, y + 8, lx + 26, y + 8), fill=colour, width=5 if i == 0 else 2)
         draw.text((lx + 32, y), text, font=small, fill=(20, 20, 20))

@@ -59,8 +59,17 @@ class PromptTokens:
 def _decode_piece(sd_tokenizer, token) -> str:
     if isinstance(token, torch.Tensor):
         return "<embedding>"
-    piece = sd_tokenizer.inv_vocab.get(int(token), "?")
-    return piece.replace("</w>", "")
+    if int(token) in (sd_tokenizer.start_token, sd_tokenizer.end_token):
+        return sd_tokenizer.inv_vocab.get(int(token), "?")
+    # decode() turns CLIP's byte-level pieces back into text ('cafÃ©' -> 'café')
+    return sd_tokenizer.tokenizer.decode([int(token)]).strip()
+
+
+def _starts_word(sd_tokenizer, token) -> bool:
+    """True if a token ends a word (its piece ends in '</w>'), so the next token starts one."""
+    if isinstance(token, torch.Tensor) or int(token) == sd_tokenizer.start_token:
+        return True
+    return sd_tokenizer.inv_vocab.get(int(token), "").endswith("</w>")
 
 
 def _sd_tokenizer(tokenizer):
@@ -118,11 +127,14 @@ def _prompt_words(prompt: PromptTokens) -> list[str]:
     return words
 
 
-def _find(sequence: list, needle: list, chunk_length: int, end_positions: list[int]) -> list[int] | None:
-    """First occurrence of the token run `needle` inside one chunk's content tokens."""
+def _find(sequence: list, needle: list, chunk_length: int, end_positions: list[int], sd_tokenizer) -> list[int] | None:
+    """First occurrence of the token run `needle` inside one chunk's content tokens, starting a word
+    ('cat' must not match the tail of 'tom|cat')."""
     for chunk_index, end in enumerate(end_positions):
         base = chunk_index * chunk_length
         for start in range(1, end - len(needle) + 1):
+            if not _starts_word(sd_tokenizer, sequence[base + start - 1]):
+                continue
             if all(_same_token(sequence[base + start + k], needle[k]) for k in range(len(needle))):
                 return [base + start + k for k in range(len(needle))]
     return None
@@ -168,7 +180,7 @@ def resolve_subjects(tokenizer, text: str, spec: str) -> Subjects:
         needle = _content_tokens(tokenizer, entry)
         if not needle:
             raise SubjectError(f"subject {entry!r} has no tokens")
-        positions = _find(flat, needle, chunk_length, end_positions)
+        positions = _find(flat, needle, chunk_length, end_positions, _sd_tokenizer(tokenizer))
         if positions is None:
             raise SubjectError(f"subject {entry!r} is not in the prompt (as whole tokens, e.g. 'cat' does not "
                                f"match 'cats'); the prompt's words are: {words_hint}")

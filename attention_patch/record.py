@@ -16,7 +16,6 @@ class StepLoss:
     terms: dict[str, list[float]]        # loss name -> per image, before the update
     total: list[float]                   # weighted sum, before the update
     refinement: list[list[float]] = field(default_factory=list)  # total per refinement iteration
-    after: list[float] | None = None     # total after this step's update (same forward, next pass)
 
 
 @dataclass

@@ -3,7 +3,7 @@ from comfy_api.latest import io
 
 from ..guidance.losses import LOSSES
 from ..guidance.sampler import DEFAULT_REFINEMENT, GuidanceConfig
-from .types import Guidance
+from .types import ADVANCED, Guidance
 
 _DEFAULT_WEIGHTS = {"attend_and_excite": 1.0}
 _TIPS = {
@@ -53,18 +53,18 @@ class AttentionGuidance(io.ComfyNode):
                 io.String.Input("refinement", default=refinement,
                                 tooltip="step_fraction:threshold pairs. At those steps the latent is refined until "
                                         "loss <= 1 - threshold. A&E: 0:0.05, 0.2:0.5, 0.4:0.8. Empty: off."),
-                io.Int.Input("max_refinement_steps", default=20, min=0, max=100, advanced=True,
+                io.Int.Input("max_refinement_steps", default=20, min=0, max=100, **ADVANCED,
                              tooltip="Cap on refinement iterations per refinement step. A&E: 20."),
-                io.Float.Input("softmax_temperature", default=100.0, min=1.0, max=1000.0, advanced=True,
+                io.Float.Input("softmax_temperature", default=100.0, min=1.0, max=1000.0, **ADVANCED,
                                tooltip="Attention is multiplied by this before the softmax over tokens. A&E: 100."),
                 io.Boolean.Input("exclude_padding", default=False,
                                  tooltip="Softmax over the prompt's words only, not end/padding tokens. "
                                          "Recommended for SD2.x (its '!' padding); off reproduces A&E on SD1.x."),
-                io.Float.Input("smoothing_sigma", default=0.5, min=0.05, max=5.0, step=0.05, advanced=True,
+                io.Float.Input("smoothing_sigma", default=0.5, min=0.05, max=5.0, step=0.05, **ADVANCED,
                                tooltip="Sigma of the 3x3 Gaussian smoothing of the maps. A&E: 0.5."),
-                io.Float.Input("retention_threshold", default=0.5, min=0.0, max=1.0, step=0.05, advanced=True,
+                io.Float.Input("retention_threshold", default=0.5, min=0.0, max=1.0, step=0.05, **ADVANCED,
                                tooltip="Retention mask: pixels with at least this fraction of the subject's peak."),
-                io.Boolean.Input("truncate_pass", default=True, advanced=True,
+                io.Boolean.Input("truncate_pass", default=True, **ADVANCED,
                                  tooltip="Stop the guided forward after the last captured layer (same gradient, "
                                          "less time and memory)."),
             ],

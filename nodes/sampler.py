@@ -6,7 +6,7 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..guidance.sampler import AttentionSampler
-from .types import AttentionMaps, Guidance, Subjects
+from .types import ADVANCED, AttentionMaps, Guidance, Subjects
 
 _RESOLUTION_TIP = ("Side of the captured attention maps in latent pixels / downsampling; 0 = Attend-and-Excite's "
                    "choice, 1/4 of the latent (16x16 for SD1.x at 512 px, 32x32 for SDXL at 1024 px).")
@@ -18,7 +18,7 @@ def _common_inputs():
         Guidance.Input("guidance", optional=True,
                        tooltip="Losses and schedule from Attention Guidance Losses. Not connected: no guidance, "
                                "the maps are only recorded (the result equals KSampler's)."),
-        io.Int.Input("attention_resolution", default=0, min=0, max=256, advanced=True, tooltip=_RESOLUTION_TIP),
+        io.Int.Input("attention_resolution", default=0, min=0, max=256, **ADVANCED, tooltip=_RESOLUTION_TIP),
     ]
 
 
@@ -50,7 +50,7 @@ class AttentionKSampler(io.ComfyNode):
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="The amount of denoising applied."),
                 *_common_inputs(),
-                io.Boolean.Input("record_maps", default=True, advanced=True,
+                io.Boolean.Input("record_maps", default=True, **ADVANCED,
                                  tooltip="Record the maps of every step for the visualiser. Off: no capture "
                                          "overhead outside the guided steps."),
             ],

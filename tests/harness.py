@@ -157,12 +157,20 @@ class WorkflowRunner:
     No output cache: every queued prompt executes every node, as a changed input would force."""
 
     def __init__(self):
-        import execution
         _register_test_nodes()
         self.server = _HeadlessServer()
-        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.NONE,
-                                                 cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0})
+        self.executor = None
         self._count = 0
+
+    def _executor(self):
+        import execution
+        none = getattr(execution.CacheType, "NONE", None)
+        if none is None:  # ComfyUI 0.3.x has no cache-less executor: a new one per prompt starts empty
+            return execution.PromptExecutor(self.server)
+        if self.executor is None:
+            self.executor = execution.PromptExecutor(self.server, cache_type=none,
+                                                     cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0})
+        return self.executor
 
     def run(self, prompt: dict) -> dict:
         import execution
@@ -172,10 +180,11 @@ class WorkflowRunner:
         if not valid[0]:
             raise AssertionError(f"prompt failed validation: {valid[1]} {valid[3]}")
         CAPTURED.clear()
-        self.executor.execute(prompt, prompt_id, {}, valid[2])
-        if not self.executor.success:
-            errors = [d for e, d in self.executor.status_messages if e == "execution_error"]
-            raise WorkflowError(errors[0] if errors else self.executor.status_messages)
+        executor = self._executor()
+        executor.execute(prompt, prompt_id, {}, valid[2])
+        if not executor.success:
+            errors = [d for e, d in executor.status_messages if e == "execution_error"]
+            raise WorkflowError(errors[0] if errors else executor.status_messages)
         return dict(CAPTURED)
 
 

@@ -78,3 +78,20 @@ def test_errors_name_the_problem_and_the_valid_choices(tokenizers, spec, expecte
         resolve(tokenizers["sd15"], "a cat and a frog", spec)
     for text in expected:
         assert text in str(error.value)
+
+
+def test_a_word_does_not_match_the_tail_of_a_longer_word(tokenizers):
+    tok = tokenizers["sd15"]
+    sd_tok = tok.clip_l
+    assert len(sd_tok.tokenizer("tomcat")["input_ids"]) > 3  # 'tom' + 'cat</w>': the trap exists
+    resolved = resolve(tok, "a tomcat and a cat", "cat")
+    prompt = subjects_mod.tokenize_prompt(tok, "a tomcat and a cat")
+    (cat,) = resolved.subjects
+    assert prompt.words[0][cat.token_positions[0]] == "cat"
+    assert prompt.words[0][cat.token_positions[0] - 1] == "a"
+
+
+def test_non_ascii_words_are_listed_readably(tokenizers):
+    with pytest.raises(SubjectError) as error:
+        resolve(tokenizers["sd15"], "a café and a frog", "dog")
+    assert "'café'" in str(error.value)
