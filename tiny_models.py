@@ -76,22 +76,25 @@ def _unet_config(family: str) -> dict:
     raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
 
 
-def make_unet_model(family: str = "sd15", seed: int = 0) -> comfy.model_base.BaseModel:
-    """The bare ComfyUI model (BaseModel subclass) with seeded random weights."""
-    config = _unet_config(family)
+def make_unet_model(family: str = "sd15", seed: int = 0, dtype: torch.dtype = torch.float32) -> comfy.model_base.BaseModel:
+    """The bare ComfyUI model (BaseModel subclass) with seeded random weights, computing in `dtype`."""
+    config = {**_unet_config(family), "dtype": dtype}
     if family == "sd15":
         model_config = comfy.supported_models.SD15(config)
-        model = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.EPS)
     elif family == "sd2":
         model_config = comfy.supported_models.SD20(config)
         model_config.unet_config["num_head_channels"] = config["num_head_channels"]  # SD20 forces 64
-        model = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.V_PREDICTION)
     else:
         model_config = comfy.supported_models.SDXL(config)
+    model_config.set_inference_dtype(dtype, None)
+    if family == "sd15":
+        model = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.EPS)
+    elif family == "sd2":
+        model = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.V_PREDICTION)
+    else:
         model = comfy.model_base.SDXL(model_config, model_type=comfy.model_base.ModelType.EPS)
-    model_config.set_inference_dtype(torch.float32, torch.float32)
     _init_weights_(model.diffusion_model, seed)
-    model.diffusion_model.to(torch.float32)
+    model.diffusion_model.to(dtype)
     return model
 
 

@@ -2,6 +2,7 @@
 import logging
 
 import comfy.model_management
+import comfy.model_patcher
 import comfy.sample
 import comfy.samplers
 import nodes
@@ -295,3 +296,33 @@ def test_subject_in_second_chunk_is_guided(sd15):
     assert torch.isfinite(out).all()
     record = guided.last_record
     assert record.maps[0].shape[-1] == 154 and 0 < record.losses[0].total[0] < 1
+
+
+def test_bf16_model_is_guided_with_fp32_losses(tiny, sd15):
+    _model, clip = sd15
+    unet = tiny.make_unet_model("sd15", dtype=torch.bfloat16)
+    assert next(unet.diffusion_model.parameters()).dtype == torch.bfloat16
+    model = comfy.model_patcher.ModelPatcher(unet, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    seen = []
+    original = sampler_mod.GuidanceRun.loss
+
+    def loss(self, x, sigma):
+        total, terms, maps = original(self, x, sigma)
+        seen.append((total.dtype, maps.dtype))
+        return total, terms, maps
+
+    sampler_mod.GuidanceRun.loss = loss
+    try:
+        out, record = _run(model, clip, GuidanceConfig(refinement=()), steps=2)
+    finally:
+        sampler_mod.GuidanceRun.loss = original
+    assert seen and all(dtypes == (torch.float32, torch.float32) for dtypes in seen)
+    assert torch.isfinite(out).all() and 0 < record.losses[0].total[0] < 1
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_attend_and_excite_descends_on_other_families(families, family, loss_after_update):
+    """SD2 is v-prediction: the latent step uses the same c_in(sigma) mapping; the loss must still go down."""
+    model, clip = families[family]
+    _run(model, clip, GuidanceConfig(refinement=(), guidance_end=0.5), steps=2)
+    assert loss_after_update and all((after < before).all() for before, after in loss_after_update)
