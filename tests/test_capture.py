@@ -55,16 +55,11 @@ def test_maps_equal_independent_softmax_of_the_same_q_k(sd15):
     model, clip = sd15
     spy = SpyReplace()
     _, record, _ = _attention_ksampler(_with_spy(model, spy), clip, steps=1)
-    # first model evaluation: the 8x8 layers' conditional rows
-    first_eval = []
-    for q, k, heads, cond_or_uncond, _block in spy.calls:
-        if q.shape[1] != 64:
-            continue
-        if first_eval and len(first_eval) == 3:  # SD1.x: input 7/8 and output 3..5 at 1/4... counted below
-            pass
-        first_eval.append((q, k, heads, cond_or_uncond))
-    layers_at_quarter = [l for l in capture_mod.cross_attention_layers(model.model.diffusion_model) if l.downsample == 4]
-    first_eval = first_eval[:len(layers_at_quarter)]
+    # the first model evaluation's calls at the captured (1/4, 8x8) layers, in execution order
+    captured = [layer for layer in capture_mod.cross_attention_layers(model.model.diffusion_model)
+                if layer.downsample == 4]
+    first_eval = [(q, k, heads, cond_or_uncond) for q, k, heads, cond_or_uncond, _block in spy.calls
+                  if q.shape[1] == 64][:len(captured)]
     per_layer = []
     for q, k, heads, cond_or_uncond in first_eval:
         rows = slice(cond_or_uncond.index(0) * (q.shape[0] // len(cond_or_uncond)),
