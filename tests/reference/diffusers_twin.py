@@ -13,7 +13,8 @@ diffusers 0.3x). Everything here is about making the two runs comparable:
 - `ReferenceTrace` / `PackTrace`: wrap the methods each side computes the method with (the
   pipeline's `_compute_max_attention_per_index` / `_compute_loss` / `_update_latent`, our
   `GuidanceRun.loss` / `GuidanceRun.update`) and record, per sampling step, every guided forward
-  (raw aggregated cross-attention, subject maps, smoothed peaks, loss) and every latent update, in z.
+  (raw aggregated cross-attention, subject maps, smoothed peaks, loss) and every latent update (its
+  gradient dL/dz and the latent after it), in z.
 """
 from __future__ import annotations
 
@@ -133,20 +134,28 @@ class Forward:
 class StepTrace:
     forwards: list[Forward] = field(default_factory=list)
     updates: list[torch.Tensor] = field(default_factory=list)   # [C, H, W] latent z after each update
-    latent: torch.Tensor | None = None                          # [C, H, W] z the sampler step started from
+    gradients: list[torch.Tensor] = field(default_factory=list) # [C, H, W] dL/dz of each update
+    changes: list[float] = field(default_factory=list)          # relative size of each update
+    latent: torch.Tensor | None = None                          # [B, C, H, W] z the sampler step started from
 
 
 class ReferenceTrace:
-    """Records a StableDiffusionAttendAndExcitePipeline run for one image (batch 1).
+    """Records a StableDiffusionAttendAndExcitePipeline run.
 
-    The refinement loop's first forward is at the very latent the step's forward just saw (the
-    reference re-runs it); it is left out, so that each step lists distinct forwards, like ours.
+    Forwards and updates are those of image 0 only when the batch is 1 (the pipeline guides one
+    image at a time and nothing tells its images apart here); `latent` and `refinements` hold every
+    image. The refinement loop's first forward is at the very latent the step's forward just saw
+    (the reference re-runs it); it is left out, so that each step lists distinct forwards, like ours.
+
+    max_refinement_steps: the pipeline's __call__ leaves `_perform_iterative_refinement_step` at its
+    default (20); a value here is passed to it instead, to match a GuidanceConfig with another cap.
     """
 
-    def __init__(self, pipe, resolution: tuple[int, int]):
+    def __init__(self, pipe, max_refinement_steps: int | None = None):
         self.pipe = pipe
-        self.resolution = resolution
+        self.max_refinement_steps = max_refinement_steps
         self.steps: dict[int, StepTrace] = {}
+        self.refinements: dict[int, list[int]] = {}   # step -> updates made by each refinement call
         self.step = 0
         self._skip_forward = False
         self._pending: dict | None = None
@@ -179,20 +188,28 @@ class ReferenceTrace:
             if self._skip_forward:
                 self._skip_forward = False
             else:
-                self._trace().forwards.append(Forward(**pending, loss=float(loss)))
+                self._trace().forwards.append(Forward(**pending, loss=float(torch.as_tensor(loss).detach())))
             return loss
 
         def traced_update_latent(latents, loss, step_size):
-            out = update_latent(latents, loss, step_size)
+            with gradients_into([]) as gradients:
+                out = update_latent(latents, loss, step_size)
+            self._trace().gradients.append(gradients[-1][0])
             self._trace().updates.append(out.detach()[0].clone())
+            self._trace().changes.append(relative_error(out.detach(), latents.detach()))
             return out
 
         def traced_refine(*args, **kwargs):
             self._skip_forward = True
-            return refine(*args, **kwargs)
+            if self.max_refinement_steps is not None:
+                kwargs["max_refinement_steps"] = self.max_refinement_steps
+            before = len(self._trace().updates)
+            out = refine(*args, **kwargs)
+            self.refinements.setdefault(self.step, []).append(len(self._trace().updates) - before)
+            return out
 
         def traced_scheduler_step(model_output, timestep, sample, *args, **kwargs):
-            self._trace().latent = sample.detach()[0].clone()
+            self._trace().latent = sample.detach().clone()
             out = scheduler_step(model_output, timestep, sample, *args, **kwargs)
             self.step += 1
             return out
@@ -212,7 +229,7 @@ class ReferenceTrace:
 
 
 class PackTrace:
-    """Records our AttentionSampler's guidance (GuidanceRun.loss / .update) for one image, in z.
+    """Records our AttentionSampler's guidance (GuidanceRun.loss / .update) of image 0, in z.
 
     `callback` is for comfy.sample.sample_custom: it records the latent each sampler step starts from.
     """
@@ -229,7 +246,7 @@ class PackTrace:
         return self.steps.setdefault(self.step if step is None else step, StepTrace())
 
     def callback(self, step, denoised, x, total_steps):
-        self._trace(step).latent = z_from_x(x.detach()[0], self.sigmas[step]).clone()
+        self._trace(step).latent = z_from_x(x.detach(), self.sigmas[step]).clone()
 
     @contextlib.contextmanager
     def installed(self):
@@ -251,13 +268,17 @@ class PackTrace:
 
         def traced_loss(self, x, sigma):
             total, terms, maps = loss(self, x, sigma)
-            trace._trace().forwards.append(Forward(**trace._pending, loss=float(total[0])))
+            trace._trace().forwards.append(Forward(**trace._pending, loss=float(total.detach()[0])))
             trace._pending = None
             return total, terms, maps
 
         def traced_update(self, x, total, sigma, step_size, active=None):
-            out = update(self, x, total, sigma, step_size, active)
+            with gradients_into([]) as gradients:
+                out = update(self, x, total, sigma, step_size, active)
+            # dL/dz = dL/dx * dx/dz = dL/dx * sqrt(1 + sigma^2)
+            trace._trace().gradients.append(gradients[-1][0] * (1.0 + float(sigma) ** 2) ** 0.5)
             trace._trace().updates.append(z_from_x(out.detach()[0], sigma).clone())
+            trace._trace().changes.append(relative_error(out.detach()[:1], x.detach()[:1]))
             return out
 
         losses.subject_attention_maps = traced_subject_maps
@@ -267,6 +288,23 @@ class PackTrace:
         finally:
             losses.subject_attention_maps = subject_maps
             run_class.guide, run_class.loss, run_class.update = guide, loss, update
+
+
+@contextlib.contextmanager
+def gradients_into(out: list):
+    """Appends what torch.autograd.grad returns while active (both sides take their update's gradient with it)."""
+    grad = torch.autograd.grad
+
+    def recording_grad(*args, **kwargs):
+        result = grad(*args, **kwargs)
+        out.append(result[0].detach().clone())
+        return result
+
+    torch.autograd.grad = recording_grad
+    try:
+        yield out
+    finally:
+        torch.autograd.grad = grad
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
