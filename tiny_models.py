@@ -64,7 +64,8 @@ def _init_weights_(module: torch.nn.Module, seed: int) -> None:
 
 def _unet_config(family: str) -> dict:
     if family == "sd15":
-        return {**_UNET_COMMON, **_SD_LAYOUT, "context_dim": _TEXT["hidden_size"], "num_heads": 2,
+        # num_heads 8: ComfyUI's SD15 config forces it (unet_extra_config), whatever is asked for
+        return {**_UNET_COMMON, **_SD_LAYOUT, "context_dim": _TEXT["hidden_size"], "num_heads": 8,
                 "num_head_channels": -1, "use_linear_in_transformer": False, "adm_in_channels": None}
     if family == "sd2":
         return {**_UNET_COMMON, **_SD_LAYOUT, "context_dim": _TEXT["hidden_size"], "num_heads": -1,

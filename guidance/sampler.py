@@ -74,6 +74,10 @@ def validate_config(config: GuidanceConfig, subjects: Subjects) -> list[str]:
     if len(subjects) == 0:
         raise ValueError("no subject tokens: connect the SUBJECTS output of Attention Text Encode")
     warnings = []
+    outside = [f for f, _t in config.refinement if not config.guidance_start <= f < config.guidance_end]
+    if outside and config.enabled:
+        warnings.append(f"refinement at step fraction(s) {outside} lies outside the guided range "
+                        f"[{config.guidance_start}, {config.guidance_end}) and is not applied")
     for name, weight in config.loss_weights.items():
         spec = L.LOSSES[name]
         if weight and len(subjects) < spec.min_subjects:

@@ -95,14 +95,46 @@ class AttentionSamplerNode(io.ComfyNode):
                 io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES,
                                tooltip="The built-in sampler that takes the steps."),
                 *_common_inputs(),
+                io.Boolean.Input("record_maps", default=False, **ADVANCED,
+                                 tooltip="Record every step's maps, for Attention From Sampler. Off: no capture "
+                                         "overhead outside the guided steps."),
             ],
             outputs=[io.Sampler.Output()],
         )
 
     @classmethod
-    def execute(cls, sampler_name, subjects, attention_resolution, guidance=None) -> io.NodeOutput:
+    def execute(cls, sampler_name, subjects, attention_resolution, record_maps=False, guidance=None) -> io.NodeOutput:
         return io.NodeOutput(AttentionSampler(comfy.samplers.sampler_object(sampler_name), subjects, guidance,
-                                              attention_resolution, record_maps=False))
+                                              attention_resolution, record_maps=record_maps))
 
 
-NODES = [AttentionKSampler, AttentionSamplerNode]
+class AttentionFromSampler(io.ComfyNode):
+    """The ATTENTION of an Attention Sampler's last run (SamplerCustom/SamplerCustomAdvanced output no maps)."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnGuideSamplerAttention",
+            display_name="Attention From Sampler (AttnGuide)",
+            category="sampling/attention guidance",
+            description="The attention maps and losses of the run that produced `latent` with an Attention Sampler.",
+            inputs=[
+                io.Sampler.Input("sampler", tooltip="The SAMPLER of an Attention Sampler node."),
+                io.Latent.Input("latent", tooltip="The output of the SamplerCustom(Advanced) that used this sampler: "
+                                                  "it makes this node run after the sampling."),
+            ],
+            outputs=[AttentionMaps.Output(display_name="ATTENTION")],
+        )
+
+    @classmethod
+    def execute(cls, sampler, latent) -> io.NodeOutput:
+        if not isinstance(sampler, AttentionSampler):
+            raise ValueError(f"Attention From Sampler: the sampler is a {type(sampler).__name__}; connect the SAMPLER "
+                             "of an Attention Sampler (AttnGuide) node")
+        if sampler.last_record is None:
+            raise ValueError("Attention From Sampler: this sampler has not run yet; connect the LATENT output of the "
+                             "SamplerCustom/SamplerCustomAdvanced node that uses it")
+        return io.NodeOutput(sampler.last_record)
+
+
+NODES = [AttentionKSampler, AttentionSamplerNode, AttentionFromSampler]

@@ -49,6 +49,8 @@ def _boot_host():
     import nodes
     module_name = str(PACK_DIR).replace(".", "_x_")
     if module_name not in sys.modules:
+        # ComfyUI's own extra nodes (SamplerCustomAdvanced, ...), then the pack, as the server starts up
+        asyncio.run(nodes.init_builtin_extra_nodes())
         assert asyncio.run(nodes.load_custom_node(str(PACK_DIR))), "ComfyUI failed to load the pack"
     return sys.modules[module_name], module_name
 

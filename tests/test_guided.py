@@ -207,6 +207,9 @@ def test_bad_guidance_settings_are_clear_errors(sd15):
         sampler_mod.validate_config(GuidanceConfig(guidance_start=0.5, guidance_end=1.5), subjects)
     warnings = sampler_mod.validate_config(GuidanceConfig(loss_weights={"segregation": 1.0}), one)
     assert "needs at least 2 subjects" in warnings[0] and "cat" in warnings[0]
+    warnings = sampler_mod.validate_config(GuidanceConfig(guidance_end=0.3), subjects)
+    assert warnings == ["refinement at step fraction(s) [0.4] lies outside the guided range [0.0, 0.3) and is "
+                        "not applied"]
     guidance_node = pack_module("nodes.guidance").AttentionGuidance
     defaults = dict(scale_factor=20.0, guidance_start=0.0, guidance_end=0.5, refinement="", max_refinement_steps=20,
                     softmax_temperature=100.0, exclude_padding=False, smoothing_sigma=0.5, retention_threshold=0.5,

@@ -87,3 +87,29 @@ def test_bad_subject_is_a_clear_error(runner):
         runner.run(_workflow(subjects="dog"))
     assert "'dog' is not in the prompt" in error.value.message
     assert "'cat'" in error.value.message and "'frog'" in error.value.message
+
+
+def test_sampler_form_in_sampler_custom_advanced(runner):
+    """The SAMPLER form guides inside SamplerCustomAdvanced; Attention From Sampler hands out its maps."""
+    prompt = _workflow(guidance=True, steps=4)
+    prompt.update({
+        "20": {"class_type": "AttnGuideSampler", "inputs": {
+            "sampler_name": "euler", "subjects": ["2", 1], "guidance": ["7", 0], "attention_resolution": 0,
+            "record_maps": True}},
+        "21": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": 4,
+                                                          "denoise": 1.0}},
+        "22": {"class_type": "RandomNoise", "inputs": {"noise_seed": 3}},
+        "23": {"class_type": "CFGGuider", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                     "cfg": 7.5}},
+        "24": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["22", 0], "guider": ["23", 0],
+                                                                 "sampler": ["20", 0], "sigmas": ["21", 0],
+                                                                 "latent_image": ["4", 0]}},
+        "25": {"class_type": "AttnGuideSamplerAttention", "inputs": {"sampler": ["20", 0], "latent": ["24", 0]}},
+        "26": {"class_type": "TestCapture", "inputs": {"label": "custom", "value": ["24", 0]}},
+        "27": {"class_type": "TestCapture", "inputs": {"label": "custom_attention", "value": ["25", 0]}},
+    })
+    out = runner.run(prompt)
+    # same noise, sigmas, cfg and guidance as the Attention KSampler: the same latent
+    assert torch.allclose(out["custom"]["samples"], out["guided"]["samples"], rtol=1e-5, atol=1e-5)
+    assert [e.step for e in out["custom_attention"].losses] == [0, 1]
+    assert out["custom_attention"].steps == [0, 1, 2, 3]
