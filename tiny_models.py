@@ -127,6 +127,7 @@ def make_clip(family: str = "sd15", seed: int = 1) -> comfy.sd.CLIP:
     model_options = target.params.pop("model_options")
     clip = comfy.sd.CLIP(target=target, model_options={**model_options, "dtype": torch.float32})
     _init_weights_(clip.cond_stage_model, seed)
+    clip.cond_stage_model.requires_grad_(False)  # as loaded checkpoints are
     return clip
 
 
@@ -138,7 +139,9 @@ def make_vae(seed: int = 2) -> comfy.sd.VAE:
     params = {"ddconfig": ddconfig, "embed_dim": 4}
     reference = AutoencoderKL(**params)
     _init_weights_(reference, seed)
-    return comfy.sd.VAE(sd=reference.state_dict(), config={"params": params})
+    vae = comfy.sd.VAE(sd=reference.state_dict(), config={"params": params})
+    vae.first_stage_model.requires_grad_(False)  # as loaded checkpoints are
+    return vae
 
 
 def make_controlnet(family: str = "sd15", seed: int = 3):
