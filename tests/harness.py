@@ -162,6 +162,7 @@ class WorkflowRunner:
         _register_test_nodes()
         self.server = _HeadlessServer()
         self.executor = None
+        self.last_executor = None  # the executor of the last run (its history_result has the UI outputs)
         self._count = 0
 
     def _executor(self):
@@ -182,7 +183,7 @@ class WorkflowRunner:
         if not valid[0]:
             raise AssertionError(f"prompt failed validation: {valid[1]} {valid[3]}")
         CAPTURED.clear()
-        executor = self._executor()
+        executor = self.last_executor = self._executor()
         executor.execute(prompt, prompt_id, {}, valid[2])
         if not executor.success:
             errors = [d for e, d in executor.status_messages if e == "execution_error"]

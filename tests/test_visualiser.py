@@ -334,7 +334,7 @@ def test_real_attention_ksampler_then_visualiser(runner):
         if y > 130:  # not under the caption
             assert position[y, x] > 0.97
     # both visualisers show their pictures on the node: PreviewImage files in ComfyUI's temp folder
-    shown = runner.executor.history_result["outputs"]
+    shown = runner.last_executor.history_result["outputs"]
     for node, count in (("8", 2), ("9", 1)):
         images = shown[node]["images"]
         assert len(images) == count and all(i["type"] == "temp" for i in images)
