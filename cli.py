@@ -1,0 +1,577 @@
+"""Command line: run a workflow headlessly through ComfyUI's own executor.
+
+    python -m <pack> run WORKFLOW.json [--out DIR] [--ckpt FILE] [--demo] [--steps N] [--size PX] ...
+    python -m <pack> convert WORKFLOW.json [-o PROMPT.json]
+
+Run it from the folder that holds the pack (ComfyUI/custom_nodes/ when installed) with ComfyUI's
+Python. The ComfyUI host is found as the tests find it: --comfyui, COMFYUI_PATH, the ComfyUI whose
+custom_nodes/ holds this pack, else ~/comfy/ComfyUI. The workflow may be in either format: as the
+editor saves it (converted by workflow_convert.py) or as 'Export (API)' saves it.
+
+The prompt goes through the host's own validation and `execution.PromptExecutor`, exactly as a
+queued prompt would. Images of SaveImage nodes are written into --out, and the pictures of preview
+nodes (PreviewImage, the Attention Map Visualiser) are copied there too.
+
+--demo swaps the checkpoint loaders (and ControlNet loaders) for tiny built-in models with random
+weights (tiny_models.py) and gives LoadImage a synthetic line drawing, so the whole path runs on any
+machine without downloads; the pictures are noise, the attention maps and guidance losses are
+computed for real. To stay quick on a CPU it also renders at 256 px and caps refinement at 2
+iterations per refinement step (--size and --max-refinement override both; it says so when it does).
+
+Nothing here imports ComfyUI at module level: `--help` works without a host, and the host is booted
+(device chosen, nodes loaded) before anything touches torch devices.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+PACK_DIR = Path(__file__).resolve().parent
+FAMILIES = ("sd15", "sd2", "sdxl")
+DEMO_CHECKPOINT = "AttnGuideDemoCheckpoint"
+DEMO_CONTROLNET = "AttnGuideDemoControlNet"
+CHECKPOINT_LOADERS = ("CheckpointLoaderSimple", "CheckpointLoader")
+CONTROLNET_LOADERS = ("ControlNetLoader", "DiffControlNetLoader")
+VISUALISER = "AttnGuideVisualize"
+GUIDANCE = "AttnGuideGuidance"
+DEMO_SIZE = 256
+DEMO_MAX_REFINEMENT = 2
+DEMO_BANNER = ("DEMO MODE: tiny built-in models with RANDOM WEIGHTS. The images are noise and say nothing about "
+               "quality; the attention maps and guidance losses are real computations on those random models.")
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+# ---------------------------------------------------------------- the host
+
+def find_host(explicit: str | None = None) -> Path:
+    candidates = []
+    if explicit:
+        candidates.append(Path(explicit).expanduser())
+    if os.environ.get("COMFYUI_PATH"):
+        candidates.append(Path(os.environ["COMFYUI_PATH"]).expanduser())
+    if PACK_DIR.parent.name == "custom_nodes":
+        candidates.append(PACK_DIR.parent.parent)
+    candidates.append(Path.home() / "comfy" / "ComfyUI")
+    for candidate in candidates:
+        if (candidate / "comfy" / "model_patcher.py").is_file():
+            return candidate.resolve()
+    raise CliError("no ComfyUI found (looked at: " + ", ".join(str(c) for c in candidates) + "). Pass --comfyui "
+                   "DIR, set COMFYUI_PATH, or install this pack into ComfyUI/custom_nodes/.")
+
+
+def _accelerator_available() -> bool:
+    import torch
+    if torch.cuda.is_available():
+        return True
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    return bool(xpu is not None and xpu.is_available())
+
+
+def boot_host(host: Path, force_cpu: bool = False, verbose: bool = False) -> str:
+    """Imports ComfyUI from `host` the way its main.py does (device first, then nodes), loads the
+    built-in extra nodes and this pack, and returns the module name ComfyUI gave the pack."""
+    if str(host) not in sys.path:
+        sys.path.insert(0, str(host))
+    saved_argv = sys.argv
+    sys.argv = [sys.argv[0]]  # ComfyUI may parse the command line at import: give it none of ours
+    try:
+        from comfy.cli_args import args
+    finally:
+        sys.argv = saved_argv
+    if force_cpu or not _accelerator_available():
+        args.cpu = True  # must be set before comfy.model_management is imported
+    if not verbose:
+        logging.getLogger().setLevel(logging.ERROR)
+    import utils  # noqa: F401  (ComfyUI's top-level utils package must come before nodes)
+    import comfy.model_management  # noqa: F401
+    import nodes
+    # the built-in extra nodes (comfy_extras: SamplerCustom, ...); a few need a running server and are skipped
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    module_name = str(PACK_DIR).replace(".", "_x_")
+    if module_name not in sys.modules and not asyncio.run(nodes.load_custom_node(str(PACK_DIR))):
+        raise CliError(f"ComfyUI failed to load the node pack at {PACK_DIR} (run with --verbose to see why)")
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
+    return module_name
+
+
+# ---------------------------------------------------------------- demo models (also used by the tests)
+
+def make_tiny_controlnet(family: str = "sd15", seed: int = 3):
+    """A CONTROL_NET for the tiny model of `family`: ComfyUI's ControlNet (comfy.cldm.cldm) with the
+    tiny UNet's encoder layout, a 3-channel hint input and seeded random weights, wrapped as
+    ControlNetLoader returns it."""
+    import torch
+
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.model_management
+    import comfy.ops
+
+    from . import tiny_models
+    config = dict(tiny_models._unet_config(family))
+    config.pop("out_channels")
+    config.update(hint_channels=3, dtype=torch.float32, device=comfy.model_management.unet_offload_device(),
+                  operations=comfy.ops.disable_weight_init)
+    control_model = comfy.cldm.cldm.ControlNet(**config)
+    tiny_models._init_weights_(control_model, seed)
+    return comfy.controlnet.ControlNet(control_model, load_device=comfy.model_management.get_torch_device(),
+                                       manual_cast_dtype=None)
+
+
+class DemoCheckpointLoader:
+    """--demo's stand-in for a checkpoint loader: the tiny random model of a family."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (list(FAMILIES),), "seed": ("INT", {"default": 0, "min": 0})}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, family, seed):
+        from . import tiny_models
+        return tiny_models.make_model(family, seed), tiny_models.make_clip(family, seed + 1), tiny_models.make_vae(
+            seed + 2)
+
+
+class DemoControlNetLoader:
+    """--demo's stand-in for ControlNetLoader: a tiny random ControlNet matching the tiny model."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (list(FAMILIES),), "seed": ("INT", {"default": 3, "min": 0})}}
+
+    RETURN_TYPES = ("CONTROL_NET",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, family, seed):
+        return (make_tiny_controlnet(family, seed),)
+
+
+def guess_family(checkpoint_name: str) -> str:
+    """The model family a checkpoint's file name suggests (sdxl, sd2, else sd15)."""
+    name = str(checkpoint_name).replace("\\", "/").lower()
+    if re.search(r"xl", name):
+        return "sdxl"
+    if re.search(r"(^|[^a-z0-9])(v2|sd2|sd_2|2[-_.][01])([^0-9]|$)|768", name):
+        return "sd2"
+    return "sd15"
+
+
+def demo_image(width: int = 512, height: int = 512):
+    """A white-on-black line drawing (a canny-like edge map): a circle, a square and a horizon."""
+    from PIL import Image, ImageDraw
+    picture = Image.new("RGB", (width, height), "black")
+    draw = ImageDraw.Draw(picture)
+    line = max(2, width // 128)
+    draw.line([(0, int(height * 0.7)), (width, int(height * 0.7))], fill="white", width=line)
+    draw.ellipse([width * 0.12, height * 0.25, width * 0.45, height * 0.62], outline="white", width=line)
+    draw.rectangle([width * 0.55, height * 0.3, width * 0.88, height * 0.66], outline="white", width=line)
+    return picture
+
+
+def apply_demo(prompt: dict, family: str | None, input_dir: Path, say) -> str:
+    """Swaps checkpoint and ControlNet loaders for the tiny models and gives every LoadImage a
+    synthetic picture in `input_dir`. Returns the family used."""
+    families = []
+    for node_id, node in prompt.items():
+        if node["class_type"] in CHECKPOINT_LOADERS:
+            name = node["inputs"].get("ckpt_name", "")
+            chosen = family or guess_family(name)
+            families.append(chosen)
+            say(f"  demo: node {node_id} {node['class_type']} ({name!r}) -> tiny random {chosen} model")
+            node["class_type"], node["inputs"] = DEMO_CHECKPOINT, {"family": chosen, "seed": 0}
+    if not families:
+        raise CliError(f"--demo swaps checkpoint loaders ({', '.join(CHECKPOINT_LOADERS)}) for tiny models, and "
+                       "this workflow has none")
+    if len(set(families)) > 1 and family is None:
+        say(f"  demo: the checkpoints suggest several families ({', '.join(sorted(set(families)))}); the tiny "
+            f"ControlNet follows {families[0]} (use --family to choose)")
+    used = family or families[0]
+    for node_id, node in prompt.items():
+        kind = node["class_type"]
+        if kind in CONTROLNET_LOADERS:
+            say(f"  demo: node {node_id} {kind} ({node['inputs'].get('control_net_name')!r}) -> tiny random "
+                f"{used} ControlNet")
+            node["class_type"], node["inputs"] = DEMO_CONTROLNET, {"family": used, "seed": 3}
+        elif kind == "LoadImage" and isinstance(node["inputs"].get("image"), str):
+            name = node["inputs"]["image"]
+            target = input_dir / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            demo_image().save(target)
+            say(f"  demo: node {node_id} LoadImage ({name!r}) -> a synthetic line drawing")
+    return used
+
+
+def register_demo_nodes() -> None:
+    import nodes
+    nodes.NODE_CLASS_MAPPINGS.setdefault(DEMO_CHECKPOINT, DemoCheckpointLoader)
+    nodes.NODE_CLASS_MAPPINGS.setdefault(DEMO_CONTROLNET, DemoControlNetLoader)
+    nodes.NODE_DISPLAY_NAME_MAPPINGS.setdefault(DEMO_CHECKPOINT, "Tiny random checkpoint (AttnGuide demo)")
+    nodes.NODE_DISPLAY_NAME_MAPPINGS.setdefault(DEMO_CONTROLNET, "Tiny random ControlNet (AttnGuide demo)")
+
+
+# ---------------------------------------------------------------- overrides
+
+def _set_everywhere(prompt: dict, names: tuple[str, ...], value, classes: tuple[str, ...] | None = None) -> list:
+    changed = []
+    for node_id, node in prompt.items():
+        if classes is not None and node["class_type"] not in classes:
+            continue
+        for name in names:
+            if name in node["inputs"] and not isinstance(node["inputs"][name], list):
+                node["inputs"][name] = value
+                changed.append(f"{node_id}.{name}")
+    return changed
+
+
+def override_checkpoint(prompt: dict, checkpoint: str) -> str:
+    """Points every `ckpt_name` input at `checkpoint`: a file path (its folder is registered with
+    ComfyUI) or a name from ComfyUI's checkpoints folders."""
+    import folder_paths
+    path = Path(checkpoint).expanduser()
+    if path.is_file():
+        folder = str(path.resolve().parent)
+        try:
+            folder_paths.add_model_folder_path("checkpoints", folder, is_default=True)
+        except TypeError:  # older ComfyUI: no is_default
+            folder_paths.add_model_folder_path("checkpoints", folder)
+        name = path.name
+    else:
+        name = checkpoint
+        available = folder_paths.get_filename_list("checkpoints")
+        if name not in available:
+            listed = ", ".join(available[:20]) + (" ..." if len(available) > 20 else "") or "none"
+            raise CliError(f"--ckpt {checkpoint!r} is neither a file nor a checkpoint ComfyUI knows; ComfyUI's "
+                           f"checkpoints: {listed}")
+    if not _set_everywhere(prompt, ("ckpt_name",), name):
+        raise CliError("--ckpt: the workflow has no checkpoint loader (no node with a ckpt_name input)")
+    return name
+
+
+def apply_overrides(prompt: dict, options, say) -> None:
+    if options.ckpt and not options.demo:
+        name = override_checkpoint(prompt, options.ckpt)
+        say(f"  checkpoint: {name}")
+    if options.steps is not None:
+        if not _set_everywhere(prompt, ("steps",), options.steps):
+            raise CliError("--steps: no node of the workflow has a 'steps' widget")
+        say(f"  steps: {options.steps}")
+    if options.size is not None:
+        width, height = options.size
+        latents = tuple(node["class_type"] for node in prompt.values() if node["class_type"].startswith("Empty"))
+        if not (_set_everywhere(prompt, ("width",), width, latents) and _set_everywhere(prompt, ("height",), height,
+                                                                                          latents)):
+            raise CliError("--size: the workflow has no empty-latent node with width and height")
+        say(f"  size: {width}x{height}")
+    if options.max_refinement is not None:
+        if not _set_everywhere(prompt, ("max_refinement_steps",), options.max_refinement, (GUIDANCE,)):
+            raise CliError("--max-refinement: the workflow has no Attention Guidance Losses node")
+        say(f"  max_refinement_steps: {options.max_refinement}")
+    if options.seed is not None:
+        if not _set_everywhere(prompt, ("seed", "noise_seed"), options.seed):
+            raise CliError("--seed: no node of the workflow has a seed")
+        say(f"  seed: {options.seed}")
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give PX or WIDTHxHEIGHT (e.g. 256 or 512x768)")
+    width = int(match.group(1))
+    height = int(match.group(2) or width)
+    if width % 8 or height % 8 or not (64 <= width <= 16384 and 64 <= height <= 16384):
+        raise argparse.ArgumentTypeError(f"size {width}x{height}: both sides must be multiples of 8 in 64..16384")
+    return width, height
+
+
+# ---------------------------------------------------------------- running
+
+class _ConsoleServer:
+    """What PromptExecutor needs of a server when none runs: it prints which node runs."""
+
+    def __init__(self, prompt: dict, say):
+        self.client_id = "attn-guide-cli"
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.prompt = prompt
+        self.say = say
+        self.executed: list[tuple[str, dict]] = []
+        self._count = 0
+
+    def send_sync(self, event, data, sid=None):
+        if event == "executing" and isinstance(data, dict) and data.get("node") is not None:
+            node_id = str(data["node"])
+            self.last_node_id = node_id
+            self._count += 1
+            node = self.prompt.get(node_id, {})
+            title = node.get("_meta", {}).get("title")
+            kind = node.get("class_type", "?")
+            label = f"{kind}" + (f" '{title}'" if title and title != kind else "")
+            self.say(f"[{self._count}/{len(self.prompt)}] node {node_id}: {label}")
+        elif event == "executed" and isinstance(data, dict):
+            self.executed.append((str(data.get("node")), data.get("output") or {}))
+
+    def queue_updated(self):
+        pass
+
+
+def _progress_hook(stream):
+    interactive = stream.isatty()
+    state = {"last": None}
+
+    def hook(value, total, preview_image=None, prompt_id=None, node_id=None):
+        if not total:
+            return
+        width = 30
+        filled = int(width * value / total)
+        text = f"    [{'#' * filled}{'.' * (width - filled)}] {value}/{total}"
+        if interactive:
+            stream.write("\r" + text + ("\n" if value >= total else ""))
+            stream.flush()
+        elif value >= total and state["last"] != (node_id, total):
+            stream.write(text + "\n")
+            stream.flush()
+        if value >= total:
+            state["last"] = (node_id, total)
+    return hook
+
+
+def _format_validation(error: dict, node_errors: dict, prompt: dict, demo: bool) -> str:
+    lines = [f"the workflow did not pass ComfyUI's validation: {error.get('message', error)}"
+             + (f" ({error['details']})" if error.get("details") else "")]
+    for node_id, entry in (node_errors or {}).items():
+        kind = entry.get("class_type") or prompt.get(node_id, {}).get("class_type")
+        for problem in entry.get("errors", []):
+            detail = problem.get("details") or ""
+            lines.append(f"  node {node_id} ({kind}): {problem.get('message')}" + (f": {detail}" if detail else ""))
+            name = (problem.get("extra_info") or {}).get("input_name")
+            if name == "ckpt_name":
+                lines.append("    -> pass --ckpt FILE (or a name from models/checkpoints), or --demo for tiny "
+                             "random models")
+            elif name == "control_net_name":
+                lines.append("    -> put the ControlNet into models/controlnet (see example_workflows/README.md), "
+                             "or use --demo")
+            elif kind == "LoadImage":
+                lines.append("    -> put the picture into ComfyUI's input folder or pass --input-dir DIR" +
+                             ("" if demo else ", or use --demo for a synthetic one"))
+    return "\n".join(lines)
+
+
+def _executor(execution, server):
+    """A PromptExecutor without an output cache (one prompt per process), on old and new ComfyUI."""
+    none = getattr(getattr(execution, "CacheType", None), "NONE", None)
+    if none is None:  # ComfyUI 0.3.x: its default (classic) cache
+        return execution.PromptExecutor(server)
+    return execution.PromptExecutor(server, cache_type=none, cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0})
+
+
+def _image_files(executed: list[tuple[str, dict]]):
+    import folder_paths
+    for node_id, output in executed:
+        for index, image in enumerate(output.get("images") or []):
+            if not isinstance(image, dict) or "filename" not in image:
+                continue
+            base = folder_paths.get_directory_by_type(image.get("type", "output"))
+            if base is None:
+                continue
+            yield node_id, index, image.get("type", "output"), Path(base) / image.get("subfolder", "") / image[
+                "filename"]
+
+
+def run(options, say) -> list[Path]:
+    host = find_host(options.comfyui)
+    say(f"ComfyUI: {host}")
+    boot_host(host, force_cpu=options.cpu, verbose=options.verbose)
+    import comfy.model_management
+    import comfy.utils
+    import execution
+    import folder_paths
+    import nodes
+
+    from . import workflow_convert
+    say(f"device: {comfy.model_management.get_torch_device()}")
+    if options.demo:
+        say(DEMO_BANNER)
+    warnings: list[str] = []
+    workflow_path = Path(options.workflow)
+    try:
+        prompt = workflow_convert.load_prompt(workflow_path, nodes.NODE_CLASS_MAPPINGS, warnings)
+        raw = json.loads(workflow_path.read_text(encoding="utf-8"))
+    except workflow_convert.ConversionError as error:
+        raise CliError(str(error)) from None
+    for warning in warnings:
+        say(f"  note: {warning}")
+    say(f"workflow: {workflow_path.name} ({len(prompt)} nodes, "
+        f"{'UI' if workflow_convert.is_ui_format(raw) else 'API'} format)")
+
+    out = Path(options.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="attn_guide_run_"))
+    try:
+        folder_paths.set_output_directory(str(out))
+        folder_paths.set_temp_directory(str(scratch / "temp"))
+        if options.input_dir:
+            folder_paths.set_input_directory(str(Path(options.input_dir).expanduser().resolve()))
+        if options.demo:
+            register_demo_nodes()
+            demo_inputs = scratch / "input"
+            demo_inputs.mkdir()
+            folder_paths.set_input_directory(str(demo_inputs))
+            apply_demo(prompt, options.family, demo_inputs, say)
+            if options.size is None:
+                options.size = (DEMO_SIZE, DEMO_SIZE)
+                say(f"  demo: images at {DEMO_SIZE}x{DEMO_SIZE} (--size to change)")
+            if options.max_refinement is None and any(n["class_type"] == GUIDANCE for n in prompt.values()):
+                options.max_refinement = DEMO_MAX_REFINEMENT
+                say(f"  demo: at most {DEMO_MAX_REFINEMENT} refinement iterations per refinement step: random "
+                    "weights never reach the thresholds, so refinement would always run to its cap "
+                    "(--max-refinement to change)")
+        apply_overrides(prompt, options, say)
+
+        prompt_id = str(uuid.uuid4())
+        valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+        if not valid[0]:
+            raise CliError(_format_validation(valid[1], valid[3], prompt, options.demo))
+        server = _ConsoleServer(prompt, say)
+        comfy.utils.set_progress_bar_enabled(False)  # our own bar below instead of tqdm's
+        comfy.utils.set_progress_bar_global_hook(_progress_hook(sys.stdout))
+        extra_data = {"client_id": "attn-guide-cli"}  # without a client id the executor reports no node events
+        if workflow_convert.is_ui_format(raw):
+            extra_data["extra_pnginfo"] = {"workflow": raw}  # SaveImage embeds it: the PNG opens in the editor
+        executor = _executor(execution, server)
+        started = time.perf_counter()
+        executor.execute(prompt, prompt_id, extra_data, valid[2])
+        if not executor.success:
+            errors = [data for event, data in executor.status_messages if event == "execution_error"]
+            if errors:
+                error = errors[0]
+                raise CliError(f"node {error.get('node_id')} ({error.get('node_type')}) failed: "
+                               f"{error.get('exception_message', '').strip()}")
+            raise CliError(f"the run did not finish: {executor.status_messages[-1:]}")
+        say(f"finished in {time.perf_counter() - started:.1f} s")
+
+        written = []
+        for node_id, index, kind, source in _image_files(server.executed):
+            if kind == "output":
+                written.append(source)
+                continue
+            class_type = prompt.get(node_id, {}).get("class_type", "")
+            if class_type == VISUALISER:
+                mode = str(prompt[node_id]["inputs"].get("mode", "")).replace(" ", "_")
+                name = f"attention_{node_id}_{mode}_{index:02d}{source.suffix}"
+            else:
+                name = f"preview_{node_id}_{index:02d}{source.suffix}"
+            shutil.copyfile(source, out / name)
+            written.append(out / name)
+        return written
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def convert(options, say) -> None:
+    boot_host(find_host(options.comfyui), force_cpu=True, verbose=options.verbose)
+    import nodes
+
+    from . import workflow_convert
+    warnings: list[str] = []
+    try:
+        prompt = workflow_convert.load_prompt(options.workflow, nodes.NODE_CLASS_MAPPINGS, warnings)
+    except workflow_convert.ConversionError as error:
+        raise CliError(str(error)) from None
+    for warning in warnings:
+        say(f"note: {warning}", err=True)
+    text = json.dumps(prompt, indent=2)
+    if options.output:
+        Path(options.output).write_text(text + "\n", encoding="utf-8")
+        say(f"wrote {options.output}", err=True)
+    else:
+        print(text)
+
+
+# ---------------------------------------------------------------- entry point
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    prog = prog or f"python -m {PACK_DIR.name}"
+    parser = argparse.ArgumentParser(prog=prog, description="Attention guidance (Attend-and-Excite, A-STAR) for "
+                                     "ComfyUI, from the command line.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub):
+        sub.add_argument("--comfyui", metavar="DIR", help="the ComfyUI folder (default: COMFYUI_PATH, the ComfyUI "
+                         "that holds this pack, else ~/comfy/ComfyUI)")
+        sub.add_argument("--verbose", action="store_true", help="show ComfyUI's log")
+
+    run_parser = commands.add_parser(
+        "run", help="run a workflow headlessly", description="Run a workflow (UI or API format) through ComfyUI's "
+        "own validation and executor; write its images and attention maps into --out.",
+        epilog=f"example: {prog} run {PACK_DIR.name}/example_workflows/attend_and_excite_sd15.json --demo --out out")
+    run_parser.add_argument("workflow", help="workflow JSON (as the editor saves it, or 'Export (API)')")
+    run_parser.add_argument("--out", default="attn_guide_output", metavar="DIR",
+                            help="where images and attention maps go (default: ./attn_guide_output)")
+    run_parser.add_argument("--ckpt", metavar="FILE", help="checkpoint for every checkpoint loader: a file path, "
+                            "or a name in ComfyUI's models/checkpoints")
+    run_parser.add_argument("--demo", action="store_true", help="tiny built-in models with RANDOM weights instead "
+                            "of the checkpoints (and ControlNets) the workflow names; synthetic LoadImage pictures")
+    run_parser.add_argument("--family", choices=FAMILIES, help="with --demo: the tiny model family (default: "
+                            "guessed from the checkpoint name)")
+    run_parser.add_argument("--steps", type=int, metavar="N", help="override the sampling steps of every sampler")
+    run_parser.add_argument("--size", type=_parse_size, metavar="PX|WxH", help="override the empty latent's size")
+    run_parser.add_argument("--seed", type=int, metavar="N", help="override every seed")
+    run_parser.add_argument("--max-refinement", type=int, metavar="N", help="override max_refinement_steps of "
+                            "the Attention Guidance Losses nodes")
+    run_parser.add_argument("--input-dir", metavar="DIR", help="where LoadImage looks (default: ComfyUI's input)")
+    run_parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is available")
+    common(run_parser)
+
+    convert_parser = commands.add_parser("convert", help="print a UI-format workflow as an API-format prompt")
+    convert_parser.add_argument("workflow")
+    convert_parser.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    common(convert_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    options = build_parser(prog).parse_args(argv)
+
+    def say(message: str, err: bool = False) -> None:
+        stream = sys.stderr if err else sys.stdout
+        stream.write(message + "\n")
+        stream.flush()
+
+    try:
+        if options.command == "run":
+            if options.steps is not None and options.steps < 1:
+                raise CliError("--steps must be at least 1")
+            if options.max_refinement is not None and options.max_refinement < 0:
+                raise CliError("--max-refinement must be 0 or more")
+            written = run(options, say)
+            say(f"wrote {len(written)} file(s) into {Path(options.out).expanduser().resolve()}:")
+            for path in written:
+                say(f"  {path}")
+            if options.demo:
+                say(DEMO_BANNER)
+        else:
+            convert(options, say)
+    except CliError as error:
+        say(f"error: {error}", err=True)
+        return 1
+    return 0
