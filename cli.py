@@ -15,8 +15,10 @@ nodes (PreviewImage, the Attention Map Visualiser) are copied there too.
 --demo swaps the checkpoint loaders (and ControlNet loaders) for tiny built-in models with random
 weights (tiny_models.py) and gives LoadImage a synthetic line drawing, so the whole path runs on any
 machine without downloads; the pictures are noise, the attention maps and guidance losses are
-computed for real. To stay quick on a CPU it also renders at 256 px and caps refinement at 2
-iterations per refinement step (--size and --max-refinement override both; it says so when it does).
+computed for real. To stay quick on a CPU it also runs 20 steps at 256 px and caps refinement at 2
+iterations per refinement step (--steps, --size and --max-refinement override these; it says so when
+it does). On the CPU the runner picks torch's attention kernel (ComfyUI's default there is its
+slower sub-quadratic one).
 
 Nothing here imports ComfyUI at module level: `--help` works without a host, and the host is booted
 (device chosen, nodes loaded) before anything touches torch devices.
@@ -45,6 +47,7 @@ CONTROLNET_LOADERS = ("ControlNetLoader", "DiffControlNetLoader")
 VISUALISER = "AttnGuideVisualize"
 GUIDANCE = "AttnGuideGuidance"
 DEMO_SIZE = 256
+DEMO_STEPS = 20
 DEMO_MAX_REFINEMENT = 2
 DEMO_BANNER = ("DEMO MODE: tiny built-in models with RANDOM WEIGHTS. The images are noise and say nothing about "
                "quality; the attention maps and guidance losses are real computations on those random models.")
@@ -96,6 +99,8 @@ def boot_host(host: Path, force_cpu: bool = False, verbose: bool = False) -> str
         sys.argv = saved_argv
     if force_cpu or not _accelerator_available():
         args.cpu = True  # must be set before comfy.model_management is imported
+        # on the CPU ComfyUI defaults to its sub-quadratic attention; torch's is about twice as fast here
+        args.use_pytorch_cross_attention = True
     if not verbose:
         logging.getLogger().setLevel(logging.ERROR)
     import utils  # noqa: F401  (ComfyUI's top-level utils package must come before nodes)
@@ -268,7 +273,9 @@ def override_checkpoint(prompt: dict, checkpoint: str) -> str:
 
 
 def apply_overrides(prompt: dict, options, say) -> None:
-    if options.ckpt and not options.demo:
+    if options.ckpt and options.demo:
+        say("  note: --ckpt is ignored with --demo (the tiny random models replace every checkpoint)")
+    elif options.ckpt:
         name = override_checkpoint(prompt, options.ckpt)
         say(f"  checkpoint: {name}")
     if options.steps is not None:
@@ -335,23 +342,28 @@ class _ConsoleServer:
 
 
 def _progress_hook(stream):
+    """ComfyUI's progress-bar hook: a bar redrawn in place on a terminal; in a log, a line per tenth."""
     interactive = stream.isatty()
-    state = {"last": None}
+    state = {"bar": None, "tenth": -1}
 
     def hook(value, total, preview_image=None, prompt_id=None, node_id=None):
         if not total:
             return
+        if state["bar"] != (node_id, total) or value < state.get("value", 0):
+            state.update(bar=(node_id, total), tenth=-1)
+        state["value"] = value
         width = 30
         filled = int(width * value / total)
         text = f"    [{'#' * filled}{'.' * (width - filled)}] {value}/{total}"
         if interactive:
             stream.write("\r" + text + ("\n" if value >= total else ""))
             stream.flush()
-        elif value >= total and state["last"] != (node_id, total):
+            return
+        tenth = min(10, int(10 * value / total))
+        if tenth > state["tenth"] and value > 0:
+            state["tenth"] = tenth
             stream.write(text + "\n")
             stream.flush()
-        if value >= total:
-            state["last"] = (node_id, total)
     return hook
 
 
@@ -440,6 +452,10 @@ def run(options, say) -> list[Path]:
             if options.size is None:
                 options.size = (DEMO_SIZE, DEMO_SIZE)
                 say(f"  demo: images at {DEMO_SIZE}x{DEMO_SIZE} (--size to change)")
+            if options.steps is None:
+                options.steps = DEMO_STEPS
+                say(f"  demo: {DEMO_STEPS} steps (--steps to change; the guided range and refinement points are "
+                    "fractions of the steps)")
             if options.max_refinement is None and any(n["class_type"] == GUIDANCE for n in prompt.values()):
                 options.max_refinement = DEMO_MAX_REFINEMENT
                 say(f"  demo: at most {DEMO_MAX_REFINEMENT} refinement iterations per refinement step: random "
@@ -448,7 +464,13 @@ def run(options, say) -> list[Path]:
         apply_overrides(prompt, options, say)
 
         prompt_id = str(uuid.uuid4())
-        valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+        quiet = not options.verbose  # ComfyUI logs validation failures itself; ours below says more
+        if quiet:
+            logging.disable(logging.ERROR)
+        try:
+            valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+        finally:
+            logging.disable(logging.NOTSET)
         if not valid[0]:
             raise CliError(_format_validation(valid[1], valid[3], prompt, options.demo))
         server = _ConsoleServer(prompt, say)

@@ -27,10 +27,20 @@ def _run_cli(*args, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _check_started(result):
+    """`python -m <pack>` imports the package's __init__.py before __main__.py, with ComfyUI not yet on
+    sys.path: __init__.py must not import ComfyUI at module level (cli.py boots the host first)."""
+    if result.returncode != 0 and "No module named 'comfy" in result.stderr:
+        pytest.fail("python -m <pack> failed while importing the package: its __init__.py imports ComfyUI at "
+                    "module level, before the command line can boot the host. Make those imports lazy (inside "
+                    "comfy_entrypoint) or guard them.\n" + result.stderr[-2000:])
+
+
 def test_run_demo_writes_images_and_attention_maps(tmp_path):
     out = tmp_path / "out"
     workflow = f"{PACK_DIR.name}/example_workflows/{EXAMPLE.name}"  # relative to the pack's parent, the cwd
     result = _run_cli("run", workflow, "--demo", "--out", str(out), "--steps", "3", "--size", "128")
+    _check_started(result)
     assert result.returncode == 0, result.stdout + result.stderr
     log = result.stdout
     assert log.count("RANDOM WEIGHTS") == 2  # said at the start and again under the list of files
@@ -56,6 +66,7 @@ def test_run_demo_writes_images_and_attention_maps(tmp_path):
 
 def test_help_needs_no_host():
     result = _run_cli("run", "--help", timeout=120)
+    _check_started(result)
     assert result.returncode == 0, result.stderr
     assert "--demo" in result.stdout and "--ckpt" in result.stdout and "--steps" in result.stdout
     assert f"python -m {PACK_DIR.name} run" in result.stdout
@@ -142,3 +153,17 @@ def test_size_argument():
     for bad in ("250", "12x12", "big"):
         with pytest.raises(Exception, match="size"):
             cli._parse_size(bad)
+
+
+def test_progress_in_a_log_is_a_line_per_tenth():
+    import io
+    stream = io.StringIO()
+    hook = cli._progress_hook(stream)
+    for value in range(1, 51):
+        hook(value, 50, node_id="6")
+    hook(50, 50, node_id="6")  # ComfyUI may report the end twice
+    for value in range(1, 4):
+        hook(value, 3, node_id="7")
+    lines = stream.getvalue().splitlines()
+    assert lines[-1].endswith("] 3/3") and lines[-4].endswith("] 50/50")
+    assert [line.split()[-1] for line in lines[:-3]] == ["1/50"] + [f"{5 * k}/50" for k in range(1, 11)]
