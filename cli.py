@@ -107,7 +107,7 @@ def boot_host(host: Path, force_cpu: bool = False, verbose: bool = False) -> str
     import comfy.model_management  # noqa: F401
     import nodes
     # the built-in extra nodes (comfy_extras: SamplerCustom, ...); a few need a running server and are skipped
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    asyncio.run(nodes.init_builtin_extra_nodes())
     module_name = str(PACK_DIR).replace(".", "_x_")
     if module_name not in sys.modules and not asyncio.run(nodes.load_custom_node(str(PACK_DIR))):
         raise CliError(f"ComfyUI failed to load the node pack at {PACK_DIR} (run with --verbose to see why)")
