@@ -1,0 +1,530 @@
+"""What a guided step costs, in time and memory, against plain sampling and diffusers' pipeline (issue 6).
+
+For each model (the tiny SD1.5/SDXL-shaped models, and ComfyUI's real SD1.5 and SDXL UNets at full
+size with small random weights), in a fresh subprocess per model, medians of --reps repetitions:
+
+  plain        one CFG model evaluation (cond + uncond), the model call every sampler step makes
+  guide        one `GuidanceRun.guide` call, A&E loss, no refinement: guided forward of the positive
+               prompt + backward to the latent + update; with the truncated pass (the default, the
+               forward stops after the last captured layer) and with the full pass
+  overhead     guide / plain: what a guided step adds to a plain step
+  reference    the same overhead of diffusers' StableDiffusionAttendAndExcitePipeline on the same
+               weights (SD1.x-shaped models only; diffusers has no SDXL Attend-and-Excite): its
+               per-step time with every step guided (thresholds {}, so no refinement), minus a plain
+               CFG evaluation of the same UNet with diffusers' default attention, over the latter
+  memory       peak extra memory of each operation over what was resident before it. CUDA:
+               torch.cuda.max_memory_allocated. CPU: the process's peak resident set (VmHWM, reset
+               to the current RSS through /proc/self/clear_refs before the operation) minus its
+               RSS before; the worker runs with glibc's mmap threshold fixed at 64 KiB, so freed
+               tensors leave the RSS and the numbers do not depend on what ran before
+  parity       the pack's Attention KSampler without guidance and with record_maps off against
+               nodes.common_ksampler on the same model, seed and steps (runs interleaved)
+  grad check   max |g_truncated - g_full| / max |g_full| of the loss gradient with respect to the latent
+
+and the targets as PASS/FAIL lines: our truncated overhead <= 0.5x the reference's; unguided sampling
+within 5% of KSampler; truncated-pass peak memory <= 0.6x the full pass's.
+
+    python benchmarks/guidance_cost.py --quick                 # tiny models, < 1 minute
+    python benchmarks/guidance_cost.py                         # tiny + full SD1.5 + full SDXL (CPU: long)
+    python benchmarks/guidance_cost.py --device cuda --models sd15,sdxl --reps 10
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from losses_effect import PACK_DIR, boot_host, find_host, pack_module  # noqa: E402
+
+MODELS = ("tiny-sd15", "tiny-sdxl", "sd15", "sdxl")
+PROMPT, SUBJECTS = "a cat and a frog", "cat, frog"
+
+_COMMON = {"use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
+           "use_spatial_transformer": True, "legacy": False, "use_temporal_attention": False,
+           "use_temporal_resblock": False}
+# The unet_config ComfyUI detects for SD1.5 and SDXL checkpoints (comfy.model_detection).
+FULL_CONFIGS = {
+    "sd15": {**_COMMON, "adm_in_channels": None, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+             "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+             "transformer_depth_middle": 1, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+             "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8, "num_head_channels": -1},
+    "sdxl": {**_COMMON, "num_classes": "sequential", "adm_in_channels": 2816, "model_channels": 320,
+             "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
+             "transformer_depth_middle": 10, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+             "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64, "num_heads": -1},
+}
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+# ================================================================ worker (one model, fresh process)
+
+class Clock:
+    def __init__(self, device: str):
+        import torch
+        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def __call__(self, fn):
+        self.sync()
+        start = time.perf_counter()
+        out = fn()
+        self.sync()
+        return time.perf_counter() - start, out
+
+
+class PeakMemory:
+    """Peak extra bytes of one call over what was resident before it (see the module docstring)."""
+
+    def __init__(self, device: str):
+        import torch
+        self.torch = torch
+        self.device = device
+        self.libc = ctypes.CDLL("libc.so.6") if device == "cpu" else None
+        self.available = device == "cuda" or self._can_reset()
+
+    @staticmethod
+    def _can_reset() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{field} not in /proc/self/status")
+
+    def __call__(self, fn) -> float | None:
+        if not self.available:
+            return None
+        gc.collect()
+        if self.device == "cuda":
+            torch = self.torch
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            return float(torch.cuda.max_memory_allocated() - before)
+        self.libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = self._status("VmRSS")
+        fn()
+        return float(self._status("VmHWM") - before)
+
+
+def build_model(name: str, device: str, dtype_name: str):
+    """(MODEL, positive, negative, subjects) for one model spec; full models get random conds."""
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+
+    import nodes
+    tiny = pack_module("tiny_models")
+    family = name.removeprefix("tiny-")
+    clip = tiny.make_clip(family)
+    if name.startswith("tiny-"):
+        model = tiny.make_model(family)
+        positive, subjects = pack_module("nodes.text_encode").AttentionTextEncode.execute(clip, PROMPT, SUBJECTS).args
+        negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+        return model, positive, negative, subjects
+    dtype = getattr(torch, DTYPES[dtype_name])
+    config = dict(FULL_CONFIGS[family])
+    if family == "sd15":
+        model_config = comfy.supported_models.SD15(config)
+        base = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.EPS)
+    else:
+        model_config = comfy.supported_models.SDXL(config)
+        base = comfy.model_base.SDXL(model_config, model_type=comfy.model_base.ModelType.EPS)
+    model_config.set_inference_dtype(dtype, None)
+    tiny._init_weights_(base.diffusion_model, seed=0)  # randn / sqrt(fan_in): small, well-scaled activations
+    base.diffusion_model.to(dtype)
+    model = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                             offload_device=comfy.model_management.unet_offload_device())
+    subjects = pack_module("subjects").resolve_subjects(clip.tokenizer, PROMPT, SUBJECTS)
+    generator = torch.Generator().manual_seed(1)
+    context = config["context_dim"]
+
+    def cond():
+        extra = {}
+        if family == "sdxl":
+            extra = {"pooled_output": torch.randn(1, 1280, generator=generator), "width": 512, "height": 512}
+        return [[torch.randn(1, 77, context, generator=generator), extra]]
+
+    return model, cond(), cond(), subjects
+
+
+class _Probe:
+    """A SAMPLER that, instead of sampling, hands the prepared CFG guider to `body` (then returns the latent)."""
+
+    def __new__(cls, body):
+        import comfy.samplers
+
+        class Probe(comfy.samplers.KSAMPLER):
+            def __init__(self):
+                super().__init__(None)
+
+            def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+                       disable_pbar=False):
+                body(model_wrap, sigmas, extra_args, noise, latent_image)
+                return latent_image
+
+        return Probe()
+
+
+def measure_steps(model, positive, negative, subjects, args, results: dict) -> None:
+    """plain / guide (truncated, full) times and memory, and the gradient check, inside a real sampling setup."""
+    import comfy.sample
+    import comfy.samplers
+    import torch
+    sampler_module = pack_module("guidance.sampler")
+    capture_module = pack_module("attention_patch.capture")
+    record_module = pack_module("attention_patch.record")
+    clock, peak = Clock(args.device), PeakMemory(args.device)
+    steps, step = 50, 1  # one early step of A&E's 50-step schedule (refinement is off: any step is alike)
+
+    def body(model_wrap, sigmas, extra_args, noise, latent_image):
+        sigma = sigmas[step]
+        s_in = torch.ones(noise.shape[0], device=noise.device)
+        model_sampling = model_wrap.inner_model.model_sampling
+        x = model_sampling.noise_scaling(sigma, noise, latent_image)
+        layers, resolution = capture_module.select_layers(model_wrap.inner_model.diffusion_model, noise.shape, 0)
+        capture = capture_module.AttentionCapture(layers, resolution)
+        options = capture.install(extra_args["model_options"])
+        record = record_module.AttentionRecord(subjects, resolution, total_steps=steps)
+        config = sampler_module.GuidanceConfig(loss_weights={"attend_and_excite": 1.0}, refinement=())
+        runs = {truncate: sampler_module.GuidanceRun(model_wrap, options, capture, subjects,
+                                                     dataclasses.replace(config, truncate_pass=truncate), record,
+                                                     steps)
+                for truncate in (True, False)}
+        operations = {
+            "plain": lambda: model_wrap(x, sigma * s_in, model_options=extra_args["model_options"],
+                                        seed=extra_args.get("seed")),
+            "guide_truncated": lambda: runs[True].guide(x, step, sigma),
+            "guide_full": lambda: runs[False].guide(x, step, sigma),
+        }
+        for operation in operations.values():  # warm-up: first-call allocations and kernel choices
+            operation()
+        results["attention_resolution"] = list(resolution)
+        results["captured_layers"] = len(layers)
+        if args.measure == "memory":
+            results["peak_bytes"] = {name: peak(operation) for name, operation in operations.items()}
+            results["peak_bytes_repeat"] = {name: peak(operation) for name, operation in operations.items()}
+            return
+        times = {name: [] for name in operations}
+        for _ in range(args.reps):  # interleaved, so drift of a shared machine hits all alike
+            for name, operation in operations.items():
+                times[name].append(clock(operation)[0])
+        results["seconds"] = {name: statistics.median(values) for name, values in times.items()}
+        results["seconds_all"] = times
+
+        grads = {}
+        with torch.inference_mode(False), torch.enable_grad():
+            for truncate, run in runs.items():
+                latent = x.detach().clone().requires_grad_(True)
+                total, _terms, _maps = run.loss(latent, sigma)
+                grads[truncate] = torch.autograd.grad(total.sum(), [latent])[0].double()
+        scale = grads[False].abs().max().clamp(min=1e-30)
+        results["grad_max_rel_err"] = float((grads[True] - grads[False]).abs().max() / scale)
+        results["grad_max_abs"] = float(grads[False].abs().max())
+
+    latent = torch.zeros(1, 4, args.latent, args.latent)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler="euler",
+                                     scheduler="normal", denoise=1.0, model_options=model.model_options).sigmas
+    with torch.inference_mode():  # as ComfyUI's executor runs every node
+        comfy.sample.sample_custom(model, noise, 7.5, _Probe(body), sigmas, positive, negative, latent,
+                                   disable_pbar=True, seed=0)
+
+
+def measure_parity(model, positive, negative, subjects, args, results: dict) -> None:
+    """Attention KSampler (no guidance, record_maps off) vs KSampler, interleaved, medians."""
+    import torch
+
+    import nodes
+    ksampler = pack_module("nodes.sampler").AttentionKSampler
+    latent = {"samples": torch.zeros(1, 4, args.latent, args.latent)}
+    steps = args.parity_steps
+    clock = Clock(args.device)
+    runs = {
+        "ksampler": lambda: nodes.common_ksampler(model, 0, steps, 7.5, "euler", "normal", positive, negative,
+                                                  latent)[0]["samples"],
+        "attention_ksampler": lambda: ksampler.execute(model, 0, steps, 7.5, "euler", "normal", positive, negative,
+                                                       latent, 1.0, subjects, 0, False).args[0]["samples"],
+    }
+    times = {name: [] for name in runs}
+    outputs = {}
+    with torch.inference_mode():
+        for name, run in runs.items():  # warm-up
+            outputs[name] = run()
+        for _ in range(args.parity_reps):
+            for name, run in runs.items():
+                times[name].append(clock(run)[0] / steps)
+    results["parity_seconds_per_step"] = {name: statistics.median(values) for name, values in times.items()}
+    results["parity_all"] = times
+    results["parity_max_abs_diff"] = float((outputs["ksampler"] - outputs["attention_ksampler"]).abs().max())
+
+
+def measure_reference(model, subjects, args, results: dict) -> None:
+    """diffusers' Attend-and-Excite pipeline on the same weights: guided step time vs a plain CFG evaluation."""
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        results["reference"] = "n/a: diffusers is not installed"
+        return
+    if model.model.model_config.unet_config.get("adm_in_channels"):
+        results["reference"] = "n/a: diffusers has no Attend-and-Excite pipeline for SDXL"
+        return
+    sys.path.insert(0, str(PACK_DIR / "tests"))
+    try:
+        from reference.diffusers_twin import attend_and_excite_pipeline, ddim_scheduler, diffusers_unet
+    except ImportError as error:
+        results["reference"] = f"n/a: tests/reference/diffusers_twin.py not importable ({error})"
+        return
+    import torch
+    device = torch.device(args.device)
+    dtype = model.model.diffusion_model.dtype
+    unet = diffusers_unet(model.model).to(device, dtype)
+    pipe = attend_and_excite_pipeline(unet, ddim_scheduler(), find_host()).to(device)
+    context = unet.config.cross_attention_dim
+    generator = torch.Generator().manual_seed(3)
+    embeds = torch.randn(1, 77, context, generator=generator).to(device, dtype)
+    negative = torch.randn(1, 77, context, generator=generator).to(device, dtype)
+    indices = [subject.token_positions[0] for subject in subjects.subjects]
+    clock = Clock(args.device)
+    stamps = []
+
+    def callback(step, timestep, latents):
+        clock.sync()
+        stamps.append(time.perf_counter())
+
+    steps = args.reps + 2  # the first two intervals (setup, warm-up step) are dropped
+    side = args.latent * 8
+    clock.sync()
+    stamps.append(time.perf_counter())
+    pipe(prompt=None, prompt_embeds=embeds, negative_prompt_embeds=negative, token_indices=indices,
+         num_inference_steps=steps, max_iter_to_alter=steps, thresholds={}, height=side, width=side,
+         attn_res=(args.latent // 4, args.latent // 4), output_type="latent", callback=callback,
+         generator=torch.Generator().manual_seed(0))
+    intervals = [b - a for a, b in zip(stamps[:-1], stamps[1:])][2:]
+    # plain: the same UNet with diffusers' default attention (the pipeline puts it back after the call)
+    latents = torch.randn(2, 4, args.latent, args.latent, generator=generator).to(device, dtype)
+    hidden = torch.cat([negative, embeds])
+    timestep = pipe.scheduler.timesteps[1]
+    plain = []
+    with torch.no_grad():
+        unet(latents, timestep, encoder_hidden_states=hidden)  # warm-up
+        for _ in range(args.reps):
+            plain.append(clock(lambda: unet(latents, timestep, encoder_hidden_states=hidden))[0])
+    guided_step, plain_step = statistics.median(intervals), statistics.median(plain)
+    results["reference"] = {"guided_step": guided_step, "plain_step": plain_step,
+                            "overhead": (guided_step - plain_step) / plain_step, "intervals": intervals,
+                            "plain_all": plain, "diffusers": diffusers.__version__}
+
+
+def worker(args) -> int:
+    boot_host(args.device)
+    import comfy.utils
+    import torch
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    results: dict = {"model": args.worker, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    model, positive, negative, subjects = build_model(args.worker, args.device, args.dtype)
+    results["parameters"] = sum(p.numel() for p in model.model.diffusion_model.parameters())
+    results["build_seconds"] = time.perf_counter() - started
+    log = lambda what: print(f"  [{args.worker}] {what} ({time.perf_counter() - started:.0f} s)",  # noqa: E731
+                             file=sys.stderr, flush=True)
+    log(f"built, {results['parameters'] / 1e6:.1f} M parameters")
+    measure_steps(model, positive, negative, subjects, args, results)
+    log(f"steps measured ({args.measure})")
+    if args.measure == "memory":
+        print("RESULT " + json.dumps(results), flush=True)
+        return 0
+    if args.parity_reps > 0:
+        measure_parity(model, positive, negative, subjects, args, results)
+        log("parity measured")
+    else:
+        results["parity_seconds_per_step"] = None
+    if args.reference:
+        measure_reference(model, subjects, args, results)
+        log("reference measured")
+    else:
+        results["reference"] = "n/a: skipped (--no-reference)"
+    print("RESULT " + json.dumps(results), flush=True)
+    return 0
+
+
+# ================================================================ driver
+
+def run_worker(name: str, args, reps: int, parity_reps: int, parity_steps: int, measure: str) -> dict:
+    """One model in a fresh process: times (and parity, reference, gradient check) or memory."""
+    latent = args.tiny_latent if name.startswith("tiny-") else args.latent
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--measure", measure,
+               "--device", args.device, "--dtype", args.dtype, "--latent", str(latent),
+               "--reps", str(reps), "--parity-reps", str(parity_reps), "--parity-steps", str(parity_steps)]
+    if not args.reference:
+        command.append("--no-reference")
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    env = dict(os.environ)
+    if measure == "memory":  # freed tensors leave the RSS; not for timing (every large allocation is an mmap)
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    process = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
+    for line in process.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"worker for {name} failed (exit {process.returncode}); output:\n{process.stdout[-3000:]}")
+
+
+def mib(value) -> str:
+    return "n/a" if value is None else f"{value / 2 ** 20:.0f}"
+
+
+def report(all_results: list[dict], args) -> str:
+    lines = [f"guidance_cost: device {args.device}, dtype {args.dtype}, torch {all_results[0]['torch']}, "
+             f"{all_results[0]['threads']} threads; latent {args.latent}x{args.latent} (full models), "
+             f"{args.tiny_latent}x{args.tiny_latent} (tiny); medians; A&E loss, no refinement",
+             "",
+             "seconds per step, overhead = guide / plain (what a guided step adds to a plain step)",
+             f"{'model':<10} {'reps':>4} {'plain':>8} {'guide-trunc':>11} {'guide-full':>10} {'ovh-trunc':>9} "
+             f"{'ovh-full':>8} {'ref-ovh':>8} {'ours/ref':>8}  grad rel err"]
+    checks = []
+    for r in all_results:
+        s = r["seconds"]
+        overhead_truncated = s["guide_truncated"] / s["plain"]
+        overhead_full = s["guide_full"] / s["plain"]
+        reference = r["reference"]
+        if isinstance(reference, dict):
+            ref_cell, ratio_cell = f"{reference['overhead']:.2f}", f"{overhead_truncated / reference['overhead']:.2f}"
+            checks.append((f"{r['model']}: our overhead <= 0.5x the reference pipeline's",
+                           overhead_truncated <= 0.5 * reference["overhead"],
+                           f"{overhead_truncated:.2f} vs 0.5 x {reference['overhead']:.2f}"))
+        else:
+            ref_cell = ratio_cell = "n/a"
+        lines.append(f"{r['model']:<10} {len(r['seconds_all']['plain']):>4} {s['plain']:>8.3f} "
+                     f"{s['guide_truncated']:>11.3f} {s['guide_full']:>10.3f} {overhead_truncated:>9.2f} "
+                     f"{overhead_full:>8.2f} {ref_cell:>8} {ratio_cell:>8}  {r['grad_max_rel_err']:.1e}")
+        checks.append((f"{r['model']}: truncated gradient equals the full-pass gradient (max rel err <= 1e-4)",
+                       r["grad_max_rel_err"] <= 1e-4, f"{r['grad_max_rel_err']:.1e}"))
+    lines += ["", "reference (diffusers StableDiffusionAttendAndExcitePipeline, same weights):"]
+    for r in all_results:
+        reference = r["reference"]
+        if isinstance(reference, dict):
+            lines.append(f"  {r['model']}: guided step {reference['guided_step']:.3f} s (median of "
+                         f"{len(reference['intervals'])}), plain CFG eval {reference['plain_step']:.3f} s, overhead "
+                         f"{reference['overhead']:.2f} (diffusers {reference['diffusers']})")
+        else:
+            lines.append(f"  {r['model']}: {reference}")
+
+    unit = "bytes allocated (torch.cuda)" if args.device == "cuda" else "resident set (VmHWM - VmRSS before)"
+    lines += ["", f"peak extra memory, MiB ({unit}); two measurements each",
+              f"{'model':<10} {'plain':>11} {'guide-trunc':>11} {'guide-full':>11} {'trunc/full':>10} "
+              f"{'trunc/plain':>11}"]
+    for r in all_results:
+        p, q = r["peak_bytes"], r["peak_bytes_repeat"]
+        cells = [f"{mib(p[k])}/{mib(q[k])}" for k in ("plain", "guide_truncated", "guide_full")]
+        if p["guide_full"]:
+            truncated = max(p["guide_truncated"], q["guide_truncated"])
+            full = max(p["guide_full"], q["guide_full"])
+            ratio = truncated / full
+            vs_plain = truncated / max(p["plain"], q["plain"]) if max(p["plain"], q["plain"]) else float("nan")
+            checks.append((f"{r['model']}: truncated-pass peak memory <= 0.6x the full pass's", ratio <= 0.6,
+                           f"{ratio:.2f}"))
+            lines.append(f"{r['model']:<10} {cells[0]:>11} {cells[1]:>11} {cells[2]:>11} {ratio:>10.2f} "
+                         f"{vs_plain:>11.2f}")
+        else:
+            lines.append(f"{r['model']:<10} {cells[0]:>11} {cells[1]:>11} {cells[2]:>11} {'n/a':>10} {'n/a':>11}")
+
+    lines += ["", "unguided sampling: Attention KSampler (record_maps off, no guidance) vs KSampler, s/step",
+              f"{'model':<10} {'reps':>4} {'steps':>5} {'KSampler':>9} {'ours':>9} {'ratio':>7}  max |diff|"]
+    for r in all_results:
+        parity = r["parity_seconds_per_step"]
+        if parity is None:
+            lines.append(f"{r['model']:<10}  (not measured)")
+            continue
+        ratio = parity["attention_ksampler"] / parity["ksampler"]
+        lines.append(f"{r['model']:<10} {len(r['parity_all']['ksampler']):>4} {r.get('parity_steps', ''):>5} "
+                     f"{parity['ksampler']:>9.3f} {parity['attention_ksampler']:>9.3f} {ratio:>7.3f}  "
+                     f"{r['parity_max_abs_diff']:.1e}")
+        checks.append((f"{r['model']}: unguided steps within 5% of KSampler", ratio <= 1.05, f"{ratio:.3f}"))
+
+    lines += ["", "targets:"]
+    lines += [f"  {'PASS' if ok else 'FAIL'}  {what}: {detail}" for what, ok, detail in checks]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help="full models' weights (default fp32 cpu, fp16 cuda)")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma separated, from {', '.join(MODELS)}")
+    parser.add_argument("--quick", action="store_true", help="tiny models only, few repetitions (< 1 minute)")
+    parser.add_argument("--reps", type=int, help="repetitions, tiny models (default 7, --quick 3)")
+    parser.add_argument("--full-reps", type=int, default=3, help="repetitions, full SD1.5")
+    parser.add_argument("--sdxl-reps", type=int, default=2, help="repetitions, full SDXL")
+    parser.add_argument("--parity-steps", type=int, help="steps per parity run (default: tiny 10, full 2)")
+    parser.add_argument("--latent", type=int, default=64, help="latent side of the full models (64 = 512 px)")
+    parser.add_argument("--tiny-latent", type=int, default=32, help="latent side of the tiny models")
+    parser.add_argument("--no-reference", dest="reference", action="store_false",
+                        help="skip diffusers' pipeline")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--save", type=Path, help="also write the report to this file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--parity-reps", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=("time", "memory"), default="time", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
+    for side in (args.latent, args.tiny_latent):
+        if side % 8:
+            parser.error(f"latent side {side} must be a multiple of 8 (the 1/4-latent maps, SDXL's 2 downsamplings)")
+    if args.worker:
+        return worker(args)
+
+    models = ["tiny-sd15", "tiny-sdxl"] if args.quick else args.models.split(",")
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown models {unknown}; valid: {', '.join(MODELS)}")
+    tiny_reps = args.reps or (3 if args.quick else 7)
+    started = time.perf_counter()
+    all_results = []
+    for name in models:
+        if name.startswith("tiny-"):
+            reps, parity_reps, steps = tiny_reps, tiny_reps, args.parity_steps or (4 if args.quick else 10)
+        else:
+            reps = args.sdxl_reps if name == "sdxl" else args.full_reps
+            parity_reps, steps = reps, args.parity_steps or 2
+        print(f"{name}: {reps} reps ...", file=sys.stderr, flush=True)
+        result = run_worker(name, args, reps, parity_reps, steps, "time")
+        result.update(run_worker(name, args, reps, 0, steps, "memory"))
+        result["parity_steps"] = steps
+        all_results.append(result)
+    text = report(all_results, args) + f"\n\ntotal wall time {time.perf_counter() - started:.0f} s"
+    print(text)
+    if args.save:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        args.save.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
