@@ -117,28 +117,6 @@ def boot_host(host: Path, force_cpu: bool = False, verbose: bool = False) -> str
 
 # ---------------------------------------------------------------- demo models (also used by the tests)
 
-def make_tiny_controlnet(family: str = "sd15", seed: int = 3):
-    """A CONTROL_NET for the tiny model of `family`: ComfyUI's ControlNet (comfy.cldm.cldm) with the
-    tiny UNet's encoder layout, a 3-channel hint input and seeded random weights, wrapped as
-    ControlNetLoader returns it."""
-    import torch
-
-    import comfy.cldm.cldm
-    import comfy.controlnet
-    import comfy.model_management
-    import comfy.ops
-
-    from . import tiny_models
-    config = dict(tiny_models._unet_config(family))
-    config.pop("out_channels")
-    config.update(hint_channels=3, dtype=torch.float32, device=comfy.model_management.unet_offload_device(),
-                  operations=comfy.ops.disable_weight_init)
-    control_model = comfy.cldm.cldm.ControlNet(**config)
-    tiny_models._init_weights_(control_model, seed)
-    return comfy.controlnet.ControlNet(control_model, load_device=comfy.model_management.get_torch_device(),
-                                       manual_cast_dtype=None)
-
-
 class DemoCheckpointLoader:
     """--demo's stand-in for a checkpoint loader: the tiny random model of a family."""
 
@@ -168,7 +146,8 @@ class DemoControlNetLoader:
     CATEGORY = "testing"
 
     def load(self, family, seed):
-        return (make_tiny_controlnet(family, seed),)
+        from . import tiny_models
+        return (tiny_models.make_controlnet(family, seed),)
 
 
 def guess_family(checkpoint_name: str) -> str:

@@ -35,7 +35,7 @@ class TinyControlNetLoader:
     CATEGORY = "testing"
 
     def load(self, family):
-        return (pack_module("cli").make_tiny_controlnet(family),)
+        return (pack_module("tiny_models").make_controlnet(family),)
 
 
 @pytest.fixture
