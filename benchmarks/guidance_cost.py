@@ -128,8 +128,22 @@ class PeakMemory:
         return float(self._status("VmHWM") - before)
 
 
-def build_model(name: str, device: str, dtype_name: str):
-    """(MODEL, positive, negative, subjects) for one model spec; full models get random conds."""
+def build_model(name: str, device: str, dtype_name: str, weights: str):
+    """(MODEL, positive, negative, subjects) for one model spec; full models get random conds.
+
+    weights 'inference': the UNet is built inside torch.inference_mode, as ComfyUI's checkpoint loaders
+    build it inside the executor, so its parameters are inference tensors (what a real workflow hands the
+    sampler); 'normal': built outside, ordinary tensors.
+    """
+    import contextlib
+
+    import torch
+    building = torch.inference_mode if weights == "inference" else contextlib.nullcontext
+    with building():
+        return _build_model(name, dtype_name)
+
+
+def _build_model(name: str, dtype_name: str):
     import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
@@ -348,7 +362,8 @@ def worker(args) -> int:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     results: dict = {"model": args.worker, "threads": torch.get_num_threads(), "torch": torch.__version__}
-    model, positive, negative, subjects = build_model(args.worker, args.device, args.dtype)
+    model, positive, negative, subjects = build_model(args.worker, args.device, args.dtype, args.weights)
+    results["weights_are_inference_tensors"] = next(model.model.diffusion_model.parameters()).is_inference()
     results["parameters"] = sum(p.numel() for p in model.model.diffusion_model.parameters())
     results["build_seconds"] = time.perf_counter() - started
     log = lambda what: print(f"  [{args.worker}] {what} ({time.perf_counter() - started:.0f} s)",  # noqa: E731
@@ -379,7 +394,7 @@ def run_worker(name: str, args, reps: int, parity_reps: int, parity_steps: int, 
     """One model in a fresh process: times (and parity, reference, gradient check) or memory."""
     latent = args.tiny_latent if name.startswith("tiny-") else args.latent
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--measure", measure,
-               "--device", args.device, "--dtype", args.dtype, "--latent", str(latent),
+               "--device", args.device, "--dtype", args.dtype, "--latent", str(latent), "--weights", args.weights,
                "--reps", str(reps), "--parity-reps", str(parity_reps), "--parity-steps", str(parity_steps)]
     if not args.reference:
         command.append("--no-reference")
@@ -400,9 +415,11 @@ def mib(value) -> str:
 
 
 def report(all_results: list[dict], args) -> str:
-    lines = [f"guidance_cost: device {args.device}, dtype {args.dtype}, torch {all_results[0]['torch']}, "
-             f"{all_results[0]['threads']} threads; latent {args.latent}x{args.latent} (full models), "
-             f"{args.tiny_latent}x{args.tiny_latent} (tiny); medians; A&E loss, no refinement",
+    built = "inside" if args.weights == "inference" else "outside"
+    lines = [f"guidance_cost: device {args.device}, dtype {args.dtype} (full models), torch {all_results[0]['torch']}, "
+             f"{all_results[0]['threads']} threads, UNet built {built} inference_mode;",
+             f"latent {args.latent}x{args.latent} (full models), {args.tiny_latent}x{args.tiny_latent} (tiny); "
+             "medians; A&E loss, no refinement",
              "",
              "seconds per step, overhead = guide / plain (what a guided step adds to a plain step)",
              f"{'model':<10} {'reps':>4} {'plain':>8} {'guide-trunc':>11} {'guide-full':>10} {'ovh-trunc':>9} "
@@ -487,6 +504,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny-latent", type=int, default=32, help="latent side of the tiny models")
     parser.add_argument("--no-reference", dest="reference", action="store_false",
                         help="skip diffusers' pipeline")
+    parser.add_argument("--weights", choices=("inference", "normal"), default="inference",
+                        help="build the UNets inside torch.inference_mode as ComfyUI's loaders do (parameters are "
+                             "inference tensors; default), or outside (ordinary tensors)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--save", type=Path, help="also write the report to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -509,7 +529,7 @@ def main(argv=None) -> int:
     all_results = []
     for name in models:
         if name.startswith("tiny-"):
-            reps, parity_reps, steps = tiny_reps, tiny_reps, args.parity_steps or (4 if args.quick else 10)
+            reps, parity_reps, steps = tiny_reps, tiny_reps, args.parity_steps or (2 if args.quick else 10)
         else:
             reps = args.sdxl_reps if name == "sdxl" else args.full_reps
             parity_reps, steps = reps, args.parity_steps or 2
