@@ -70,7 +70,7 @@ def test_requeue_is_stable(runner):
     capture_type = pack_module("attention_patch.capture").AttentionCapture
     first = runner.run(prompt)
     gc.collect()
-    live_after_first = sum(isinstance(o, capture_type) for o in gc.get_objects())
+    live_after_first = sum(type(o) is capture_type for o in gc.get_objects())
     results = []
     for _ in range(2):  # the runner keeps no output cache: every run executes every node
         results.append(runner.run(prompt))
@@ -79,7 +79,7 @@ def test_requeue_is_stable(runner):
     assert len(results[1]["attention"].maps) == len(first["attention"].maps) == 4
     assert len(results[1]["attention"].losses) == len(first["attention"].losses)
     gc.collect()
-    assert sum(isinstance(o, capture_type) for o in gc.get_objects()) <= live_after_first
+    assert sum(type(o) is capture_type for o in gc.get_objects()) <= live_after_first
 
 
 def test_bad_subject_is_a_clear_error(runner):
