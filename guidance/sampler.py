@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.overrides import TorchFunctionMode
 
 import comfy.model_management
 import comfy.samplers
@@ -24,6 +23,7 @@ from ..attention_patch.capture import AttentionCapture, TruncatedPass, select_la
 from ..attention_patch.record import AttentionRecord, StepLoss
 from ..subjects import Subjects
 from . import losses as L
+from .differentiable import GuidedPassMode, recompute_feedforward
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class GuidanceConfig:
     smoothing_sigma: float = 0.5
     retention_threshold: float = 0.5
     truncate_pass: bool = True
+    recompute_feedforward: bool = True  # guided pass: recompute feed-forward activations in the backward
 
     @property
     def enabled(self) -> bool:
@@ -86,42 +87,6 @@ def validate_config(config: GuidanceConfig, subjects: Subjects) -> list[str]:
     return warnings
 
 
-class _GuidedPassMode(TorchFunctionMode):
-    """Makes the host's forward differentiable for one guided pass, without changing the host.
-
-    - ComfyUI runs prompts under inference_mode, so weights are inference tensors, which autograd cannot
-      save for backward: autograd gets non-inference copies, made on first use and dropped with the pass
-      (the weights themselves are never touched; unguided passes keep using them as they are).
-    - The UNet adds ControlNet residuals in place (`h += ctrl` on skip tensors autograd has saved). For the
-      residuals this pass produced (`residual_ids`), that add is made out of place; `h += ctrl` rebinds h to
-      the result, so the forward is unchanged. Other in-place ops are left alone.
-    """
-
-    def __init__(self, residual_ids: set[int] | None = None):
-        super().__init__()
-        self.copies: dict[int, torch.Tensor] = {}
-        self.residual_ids = residual_ids if residual_ids is not None else set()
-
-    def _swap(self, value):
-        if isinstance(value, torch.Tensor) and value.is_inference():
-            copy = self.copies.get(id(value))
-            if copy is None:
-                copy = self.copies[id(value)] = value.clone()
-            return copy
-        if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
-            return type(value)(self._swap(v) for v in value)
-        return value
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if (getattr(func, "__name__", "") == "add_" and len(args) > 1 and id(args[1]) in self.residual_ids
-                and args[0].requires_grad):
-            func = torch.add
-        args = tuple(self._swap(a) for a in args)
-        kwargs = {k: self._swap(v) for k, v in kwargs.items()}
-        return func(*args, **kwargs)
-
-
 def input_scale(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
     """c_in(sigma): the model sees x * c_in. For EPS and v-prediction c_in = 1 / sqrt(1 + sigma^2)."""
     return model_sampling.calculate_input(sigma, torch.ones_like(sigma))
@@ -156,7 +121,8 @@ class GuidanceRun:
         sigmas = sigma.reshape(1).expand(x.shape[0]).to(x.dtype)
         self.residual_ids.clear()
         try:
-            with _GuidedPassMode(self.residual_ids):
+            with GuidedPassMode(self.residual_ids), recompute_feedforward(self.inner_model.diffusion_model,
+                                                                            self.config.recompute_feedforward):
                 comfy.samplers.calc_cond_batch(self.inner_model, [self.positive], x, sigmas, self.model_options)
         except TruncatedPass:
             pass
