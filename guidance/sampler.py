@@ -79,6 +79,9 @@ def validate_config(config: GuidanceConfig, subjects: Subjects) -> list[str]:
     if outside and config.enabled:
         warnings.append(f"refinement at step fraction(s) {outside} lies outside the guided range "
                         f"[{config.guidance_start}, {config.guidance_end}) and is not applied")
+    if config.refinement and config.enabled and not config.loss_weights.get("attend_and_excite"):
+        warnings.append("refinement thresholds are Attend-and-Excite's (refine until its loss <= 1 - threshold) "
+                        "and the attend_and_excite loss is off: refinement is not applied")
     for name, weight in config.loss_weights.items():
         spec = L.LOSSES[name]
         if weight and len(subjects) < spec.min_subjects:
@@ -165,33 +168,43 @@ class GuidanceRun:
             total, terms, maps = self.loss(latent, sigma)
             entry = StepLoss(step, float(sigma), {k: v.tolist() for k, v in terms.items()}, total.tolist())
             threshold = self.thresholds.get(step)
-            if threshold is not None and bool((total > 1.0 - threshold).any()):
-                latent, total, maps = self._refine(latent, total, sigma, step_size, 1.0 - threshold, entry)
+            if threshold is not None and bool((_refinement_criterion(terms, total) > 1.0 - threshold).any()):
+                latent, total, maps = self._refine(latent, total, terms, sigma, step_size, 1.0 - threshold, entry)
             latent = self.update(latent, total, sigma, step_size)
             if config.loss_weights.get("retention", 0):
                 self.previous_masks = L.retention_mask(maps.detach(), config.retention_threshold, config.smoothing_sigma)
         self.record.losses.append(entry)
         return latent.to(x.dtype)
 
-    def _refine(self, latent, total, sigma, step_size, target, entry):
-        """The reference's iterative refinement, batched: each image above `target` repeats
-        forward-loss-step (the update happens before its loss is compared, as in the reference) until its
-        loss is at most `target` or max_refinement_steps updates are done; then one more forward, whose loss
-        drives the step's regular update. Images at or below target are left as they are."""
-        running = total > target
+    def _refine(self, latent, total, terms, sigma, step_size, target, entry):
+        """The reference's iterative refinement, batched: each image whose Attend-and-Excite loss is above
+        `target` repeats forward-loss-step (the update happens before its loss is compared, as in the reference)
+        until that loss is at most `target` or max_refinement_steps updates are done; then one more forward,
+        whose loss drives the step's regular update. Images at or below target are left as they are. The steps
+        follow the combined loss; the stopping test is A&E's own (other terms have no such scale)."""
+        running = _refinement_criterion(terms, total) > target
         for iteration in range(self.config.max_refinement_steps):
             comfy.model_management.throw_exception_if_processing_interrupted()
             if iteration > 0:  # the first iteration's forward is the one guide() already made
-                total, _terms, _maps = self.loss(latent, sigma)
+                total, terms, _maps = self.loss(latent, sigma)
                 entry.refinement.append(total.tolist())
             latent = self.update(latent, total, sigma, step_size, running).requires_grad_(True)
-            running = running & (total > target)
+            running = running & (_refinement_criterion(terms, total) > target)
             if not bool(running.any()):
                 break
         latent = latent.detach().requires_grad_(True)
         total, _terms, maps = self.loss(latent, sigma)
         entry.refinement.append(total.tolist())
         return latent, total, maps
+
+
+def _refinement_criterion(terms: dict[str, torch.Tensor], total: torch.Tensor) -> torch.Tensor:
+    """What refinement thresholds are compared with: the unweighted Attend-and-Excite loss, 1 - the weakest
+    subject's peak attention (A&E's definition). Without that loss nothing is refined (all -inf)."""
+    criterion = terms.get("attend_and_excite")
+    if criterion is None:
+        return torch.full_like(total.detach(), -math.inf)
+    return criterion.detach()
 
 
 class _ConstantControl:

@@ -52,7 +52,8 @@ class AttentionGuidance(io.ComfyNode):
                                        "A-STAR guides across the process (e.g. 1.0)."),
                 io.String.Input("refinement", default=refinement,
                                 tooltip="step_fraction:threshold pairs. At those steps the latent is refined until "
-                                        "loss <= 1 - threshold. A&E: 0:0.05, 0.2:0.5, 0.4:0.8. Empty: off."),
+                                        "A&E's loss <= 1 - threshold (needs the attend_and_excite loss). "
+                                        "A&E: 0:0.05, 0.2:0.5, 0.4:0.8. Empty: off."),
                 io.Int.Input("max_refinement_steps", default=20, min=0, max=100, **ADVANCED,
                              tooltip="Cap on refinement iterations per refinement step. A&E: 20."),
                 io.Float.Input("softmax_temperature", default=100.0, min=1.0, max=1000.0, **ADVANCED,

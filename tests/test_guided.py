@@ -87,6 +87,30 @@ def test_refinement_iterates_and_is_recorded(sd15):
     assert entry.refinement[-1][0] < entry.total[0]
 
 
+def test_refinement_compares_the_attend_and_excite_loss_not_the_total(sd15, caplog):
+    """Thresholds are A&E's: with other terms added, the unweighted A&E loss decides; without A&E, no refinement."""
+    model, clip = sd15
+    weights = {"attend_and_excite": 1.0, "segregation": 1.0}
+    _, probe = _run(model, clip, GuidanceConfig(loss_weights=weights, refinement=(), guidance_end=0.25), steps=4)
+    excite, total = probe.losses[0].terms["attend_and_excite"][0], probe.losses[0].total[0]
+    assert total > excite + 0.05  # segregation adds enough to put a target between them
+    between = 1.0 - (excite + total) / 2  # target above the A&E loss, below the total: nothing to refine
+    below = 1.0 - (excite - 1e-3)         # target just below the A&E loss: refined, and one update brings
+    # the A&E loss under it (the total stays far above): the forward after that update, then the final one
+    for threshold, refined in ((between, 0), (below, 2)):
+        config = GuidanceConfig(loss_weights=weights, refinement=((0.0, threshold),), max_refinement_steps=2,
+                                guidance_end=0.25)
+        _, record = _run(model, clip, config, steps=4)
+        assert len(record.losses[0].refinement) == refined
+        assert record.losses[0].terms["attend_and_excite"][0] == pytest.approx(excite, rel=1e-6)
+    astar = GuidanceConfig(loss_weights={"segregation": 1.0, "retention": 1.0}, refinement=((0.0, 0.9),),
+                           guidance_end=0.25)
+    with caplog.at_level(logging.WARNING):
+        _, record = _run(model, clip, astar, steps=4)
+    assert record.losses[0].refinement == []
+    assert any("attend_and_excite loss is off: refinement is not applied" in r.getMessage() for r in caplog.records)
+
+
 def test_batch_images_are_guided_independently(sd15):
     model, clip = sd15
     batch2, record2 = _run(model, clip, AE, steps=3, latent={"samples": torch.zeros(2, 4, 32, 32)})
@@ -205,7 +229,7 @@ def test_bad_guidance_settings_are_clear_errors(sd15):
         sampler_mod.validate_config(GuidanceConfig(loss_weights={"excite": 1.0}), subjects)
     with pytest.raises(ValueError, match="0 <= start <= end <= 1"):
         sampler_mod.validate_config(GuidanceConfig(guidance_start=0.5, guidance_end=1.5), subjects)
-    warnings = sampler_mod.validate_config(GuidanceConfig(loss_weights={"segregation": 1.0}), one)
+    warnings = sampler_mod.validate_config(GuidanceConfig(loss_weights={"segregation": 1.0}, refinement=()), one)
     assert "needs at least 2 subjects" in warnings[0] and "cat" in warnings[0]
     warnings = sampler_mod.validate_config(GuidanceConfig(guidance_end=0.3), subjects)
     assert warnings == ["refinement at step fraction(s) [0.4] lies outside the guided range [0.0, 0.3) and is "
