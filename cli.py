@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import re
 import shutil
 import sys
@@ -37,6 +36,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from . import host
 
 PACK_DIR = Path(__file__).resolve().parent
 FAMILIES = ("sd15", "sd2", "sdxl")
@@ -60,19 +61,10 @@ class CliError(Exception):
 # ---------------------------------------------------------------- the host
 
 def find_host(explicit: str | None = None) -> Path:
-    candidates = []
-    if explicit:
-        candidates.append(Path(explicit).expanduser())
-    if os.environ.get("COMFYUI_PATH"):
-        candidates.append(Path(os.environ["COMFYUI_PATH"]).expanduser())
-    if PACK_DIR.parent.name == "custom_nodes":
-        candidates.append(PACK_DIR.parent.parent)
-    candidates.append(Path.home() / "comfy" / "ComfyUI")
-    for candidate in candidates:
-        if (candidate / "comfy" / "model_patcher.py").is_file():
-            return candidate.resolve()
-    raise CliError("no ComfyUI found (looked at: " + ", ".join(str(c) for c in candidates) + "). Pass --comfyui "
-                   "DIR, set COMFYUI_PATH, or install this pack into ComfyUI/custom_nodes/.")
+    try:
+        return host.find_host(explicit)
+    except host.HostNotFound as error:
+        raise CliError(f"{error} Or pass --comfyui DIR.") from None
 
 
 def _accelerator_available() -> bool:
@@ -86,33 +78,16 @@ def _accelerator_available() -> bool:
     return bool(xpu is not None and xpu.is_available())
 
 
-def boot_host(host: Path, force_cpu: bool = False, verbose: bool = False) -> str:
-    """Imports ComfyUI from `host` the way its main.py does (device first, then nodes), loads the
-    built-in extra nodes and this pack, and returns the module name ComfyUI gave the pack."""
-    if str(host) not in sys.path:
-        sys.path.insert(0, str(host))
-    saved_argv = sys.argv
-    sys.argv = [sys.argv[0]]  # ComfyUI may parse the command line at import: give it none of ours
+def boot_host(comfyui: Path, force_cpu: bool = False, verbose: bool = False) -> str:
+    """Boots ComfyUI from `comfyui` with this pack loaded (host.boot_host); the pack's module name."""
+    cpu = force_cpu or not _accelerator_available()
     try:
-        from comfy.cli_args import args
-    finally:
-        sys.argv = saved_argv
-    if force_cpu or not _accelerator_available():
-        args.cpu = True  # must be set before comfy.model_management is imported
         # on the CPU ComfyUI defaults to its sub-quadratic attention; torch's is about twice as fast here
-        args.use_pytorch_cross_attention = True
-    if not verbose:
-        logging.getLogger().setLevel(logging.ERROR)
-    import utils  # noqa: F401  (ComfyUI's top-level utils package must come before nodes)
-    import comfy.model_management  # noqa: F401
-    import nodes
-    # the built-in extra nodes (comfy_extras: SamplerCustom, ...); a few need a running server and are skipped
-    asyncio.run(nodes.init_builtin_extra_nodes())
-    module_name = str(PACK_DIR).replace(".", "_x_")
-    if module_name not in sys.modules and not asyncio.run(nodes.load_custom_node(str(PACK_DIR))):
-        raise CliError(f"ComfyUI failed to load the node pack at {PACK_DIR} (run with --verbose to see why)")
+        name = host.boot_host(comfyui, cpu=cpu, torch_attention=cpu, log_level=None if verbose else logging.ERROR)
+    except RuntimeError as error:
+        raise CliError(f"{error} (run with --verbose to see why)") from None
     logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
-    return module_name
+    return name
 
 
 # ---------------------------------------------------------------- demo models (also used by the tests)

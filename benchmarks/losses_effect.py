@@ -30,8 +30,8 @@ real UNet and sampler, not image quality. Run from the pack root:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
+import importlib.util
 import json
 import os
 import statistics
@@ -48,18 +48,22 @@ _PACK_MODULE: str | None = None
 
 # ---------------------------------------------------------------- host
 
+def _host_module():
+    spec = importlib.util.spec_from_file_location("attn_guide_host", PACK_DIR / "host.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_host = _host_module()
+
+
 def find_host() -> Path:
     """COMFYUI_PATH, else the ComfyUI whose custom_nodes/ holds this pack, else ~/comfy/ComfyUI."""
-    candidates = []
-    if os.environ.get("COMFYUI_PATH"):
-        candidates.append(Path(os.environ["COMFYUI_PATH"]).expanduser())
-    if PACK_DIR.parent.name == "custom_nodes":
-        candidates.append(PACK_DIR.parent.parent)
-    candidates.append(Path.home() / "comfy" / "ComfyUI")
-    for candidate in candidates:
-        if (candidate / "comfy" / "model_patcher.py").is_file():
-            return candidate.resolve()
-    sys.exit("no ComfyUI host found (looked at: " + ", ".join(map(str, candidates)) + "); set COMFYUI_PATH")
+    try:
+        return _host.find_host()
+    except _host.HostNotFound as error:
+        sys.exit(str(error))
 
 
 def boot_host(device: str = "cpu"):
@@ -67,28 +71,10 @@ def boot_host(device: str = "cpu"):
     global _PACK_MODULE
     if _PACK_MODULE is not None:
         return
-    host = find_host()
-    sys.path.insert(0, str(host))
-    saved_argv = sys.argv
-    sys.argv = [sys.argv[0]]  # ComfyUI parses the command line at import
-    try:
-        from comfy.cli_args import args
-    finally:
-        sys.argv = saved_argv
-    if device == "cpu":
-        args.cpu = True  # before comfy.model_management is imported
-    import logging
-    logging.getLogger().setLevel(logging.WARNING)
+    _PACK_MODULE = _host.boot_host(find_host(), cpu=device == "cpu")
     import comfy.model_management
-    import utils  # noqa: F401  (ComfyUI's top-level utils must come before nodes)
-
-    import nodes
     if device != "cpu" and comfy.model_management.get_torch_device().type != device:
         sys.exit(f"--device {device}: ComfyUI's device is {comfy.model_management.get_torch_device()}")
-    name = str(PACK_DIR).replace(".", "_x_")
-    if name not in sys.modules and not asyncio.run(nodes.load_custom_node(str(PACK_DIR))):
-        sys.exit("ComfyUI failed to load the pack")
-    _PACK_MODULE = name
 
 
 def pack_module(name: str):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import os
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -16,46 +16,26 @@ import pytest
 PACK_DIR = Path(__file__).resolve().parent.parent
 
 
+def _host_module():
+    spec = importlib.util.spec_from_file_location("attn_guide_host", PACK_DIR / "host.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_host = _host_module()
+
+
 def find_host() -> Path:
-    candidates = []
-    if os.environ.get("COMFYUI_PATH"):
-        candidates.append(Path(os.environ["COMFYUI_PATH"]).expanduser())
-    if PACK_DIR.parent.name == "custom_nodes":
-        candidates.append(PACK_DIR.parent.parent)
-    candidates.append(Path.home() / "comfy" / "ComfyUI")
-    for candidate in candidates:
-        if (candidate / "comfy" / "model_patcher.py").is_file():
-            return candidate.resolve()
-    raise pytest.UsageError(
-        "No ComfyUI host found (looked at: " + ", ".join(str(c) for c in candidates) + "). The tests run against a "
-        "real ComfyUI: clone https://github.com/comfyanonymous/ComfyUI, install its requirements into this Python, "
-        "and set COMFYUI_PATH to it (or clone this pack into ComfyUI/custom_nodes/).")
+    try:
+        return _host.find_host()
+    except _host.HostNotFound as error:
+        raise pytest.UsageError(f"The tests run against a real ComfyUI, and there is {error}") from None
 
 
 HOST = find_host()
-
-
-def _boot_host():
-    sys.path.insert(0, str(HOST))
-    saved_argv = sys.argv
-    sys.argv = [sys.argv[0]]  # ComfyUI parses the command line at import
-    try:
-        from comfy.cli_args import args
-    finally:
-        sys.argv = saved_argv
-    args.cpu = True  # before comfy.model_management is imported
-    import utils  # noqa: F401  (ComfyUI's top-level utils must come before nodes)
-    import comfy.model_management  # noqa: F401
-    import nodes
-    module_name = str(PACK_DIR).replace(".", "_x_")
-    if module_name not in sys.modules:
-        # ComfyUI's own extra nodes (SamplerCustomAdvanced, ...), then the pack, as the server starts up
-        asyncio.run(nodes.init_builtin_extra_nodes())
-        assert asyncio.run(nodes.load_custom_node(str(PACK_DIR))), "ComfyUI failed to load the pack"
-    return sys.modules[module_name], module_name
-
-
-PACK, PACK_MODULE = _boot_host()
+PACK_MODULE = _host.boot_host(HOST, cpu=True, log_level=None)
+PACK = sys.modules[PACK_MODULE]
 
 
 def pack_module(name: str):
