@@ -144,7 +144,8 @@ def _recomputed(forward):
         def body(x):
             with GuidedPassMode():  # the recomputation runs in the backward, outside the pass's own mode
                 return forward(x, *args, **kwargs)
-        return checkpoint(body, x, use_reentrant=False)
+        # no dropout in the feed-forward at inference: the RNG state need not be saved and restored
+        return checkpoint(body, x, use_reentrant=False, preserve_rng_state=False)
     return run
 
 

@@ -16,14 +16,9 @@ import pytest
 PACK_DIR = Path(__file__).resolve().parent.parent
 
 
-def _host_module():
-    spec = importlib.util.spec_from_file_location("attn_guide_host", PACK_DIR / "host.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_host = _host_module()
+_spec = importlib.util.spec_from_file_location("attn_guide_host", PACK_DIR / "host.py")  # before the host exists
+_host = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_host)
 
 
 def find_host() -> Path:
