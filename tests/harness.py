@@ -84,20 +84,9 @@ class _HeadlessServer:
 CAPTURED: dict = {}  # what the TestCapture node saw, by label
 
 
-class TinyCheckpointLoader:
-    """Test loader: the tiny random model of a family, as CheckpointLoaderSimple would return it."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"family": (["sd15", "sd2", "sdxl"],), "seed": ("INT", {"default": 0})}}
-
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    FUNCTION = "load"
-    CATEGORY = "testing"
-
-    def load(self, family, seed):
-        tiny = pack_module("tiny_models")
-        return tiny.make_model(family, seed), tiny.make_clip(family, seed + 1), tiny.make_vae(seed + 2)
+# Test loader: the tiny random model of a family, as CheckpointLoaderSimple would return it (the command
+# line's --demo loader).
+TinyCheckpointLoader = pack_module("cli").DemoCheckpointLoader
 
 
 class TestCapture:
