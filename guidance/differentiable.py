@@ -82,9 +82,13 @@ def _tensors(value):
             yield from _tensors(item)
 
 
+_INPLACE_OPERATORS = {f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul",
+                                                 "and", "or", "xor", "lshift", "rshift")}
+
+
 def _is_inplace(func) -> bool:
     name = getattr(func, "__name__", "")
-    return (name.endswith("_") and not name.startswith("__")) or name.startswith("__i")
+    return (name.endswith("_") and not name.startswith("__")) or name in _INPLACE_OPERATORS
 
 
 class GuidedPassMode(TorchFunctionMode):
