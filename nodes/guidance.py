@@ -70,8 +70,8 @@ class AttentionGuidance(io.ComfyNode):
                                          "less time and memory)."),
                 io.Boolean.Input("recompute_feedforward", default=True, optional=True, **ADVANCED,
                                  tooltip="Guided pass: recompute the transformer feed-forward activations during "
-                                         "the backward instead of storing them (same gradient; SDXL: about 0.6x "
-                                         "the guided pass's memory for about 10% more time per guided step)."),
+                                         "the backward instead of storing them (same gradient; SDXL: 0.6x the "
+                                         "guided pass's memory for 20% more time per guided step)."),
             ],
             outputs=[Guidance.Output(display_name="GUIDANCE")],
         )
