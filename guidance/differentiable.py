@@ -96,8 +96,7 @@ class GuidedPassMode(TorchFunctionMode):
 
     - Inference-tensor weights of linear/conv2d layers are used as they are (frozen-weight autograd
       functions); other ops that autograd records, and in-place ops, get non-inference copies of their
-      inference-tensor inputs (made once per pass). Ops that nothing requires grad for see the tensors as
-      they are.
+      inference-tensor inputs (made once per pass). Ops off the latent's path run as they are, unrecorded.
     - The UNet adds ControlNet residuals in place (`h += ctrl` on skip tensors autograd has saved). For the
       residuals this pass produced (`residual_ids`), that add is made out of place; `h += ctrl` rebinds h to
       the result, so the forward is unchanged. Other in-place ops are left alone.
@@ -126,8 +125,12 @@ class GuidedPassMode(TorchFunctionMode):
         inplace = _is_inplace(func)
         if not inplace and torch.is_grad_enabled():
             tensors = list(_tensors(args)) + list(_tensors(list(kwargs.values())))
-            if not any(t.requires_grad for t in tensors):
-                return func(*args, **kwargs)  # nothing to record: inference tensors may be read as they are
+            if not any(t.requires_grad and not t.is_inference() for t in tensors):
+                # not on the latent's path (that is all tensors of this pass, never inference tensors): nothing
+                # to record. Some hosts' inference-tensor weights have requires_grad set; no_grad keeps
+                # autograd from recording (and saving) them, as their gradient is never asked for.
+                with torch.no_grad():
+                    return func(*args, **kwargs)
             frozen = _FROZEN.get(func)
             if frozen is not None and any(t.is_inference() for t in tensors):
                 out = frozen(args, kwargs)
