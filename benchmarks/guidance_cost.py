@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from losses_effect import PACK_DIR, boot_host, find_host, pack_module  # noqa: E402
+from losses_effect import PACK_DIR, boot_host, emit, find_host, pack_module  # noqa: E402
 
 MODELS = ("tiny-sd15", "tiny-sdxl", "sd15", "sdxl")
 PROMPT, SUBJECTS = "a cat and a frog", "cat, frog"
@@ -546,11 +546,7 @@ def main(argv=None) -> int:
         result.update(run_worker(name, args, reps, 0, steps, "memory"))
         result["parity_steps"] = steps
         all_results.append(result)
-    text = report(all_results, args) + f"\n\ntotal wall time {time.perf_counter() - started:.0f} s"
-    print(text)
-    if args.save:
-        args.save.parent.mkdir(parents=True, exist_ok=True)
-        args.save.write_text(text + "\n")
+    emit(report(all_results, args) + f"\n\ntotal wall time {time.perf_counter() - started:.0f} s", args.save)
     return 0
 
 

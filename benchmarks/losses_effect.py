@@ -77,6 +77,14 @@ def boot_host(device: str = "cpu"):
         sys.exit(f"--device {device}: ComfyUI's device is {comfy.model_management.get_torch_device()}")
 
 
+def emit(text: str, save: Path | None) -> None:
+    """Prints a report, and writes it to `save` too when given."""
+    print(text)
+    if save:
+        save.parent.mkdir(parents=True, exist_ok=True)
+        save.write_text(text + "\n")
+
+
 def pack_module(name: str):
     return importlib.import_module(f"{_PACK_MODULE}.{name}")
 
@@ -271,11 +279,7 @@ def main(argv=None) -> int:
         lines.append(f"{name:<11} " + " ".join(f"{c:>22}" for c in cells))
     lines += ["", f"plain: {plain_seconds / images:.2f} s per image; forwards = guided forward+backward passes per "
               "image (guided steps + refinement iterations)"]
-    table = "\n".join(lines)
-    print(table)
-    if args.save:
-        args.save.parent.mkdir(parents=True, exist_ok=True)
-        args.save.write_text(table + "\n")
+    emit("\n".join(lines), args.save)
     return 0
 
 

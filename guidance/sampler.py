@@ -111,7 +111,8 @@ class GuidanceRun:
         self.record = record
         self.total_steps = total_steps
         self.step_sizes = config.step_sizes(total_steps)
-        self.thresholds = config.refinement_thresholds(total_steps)
+        # refinement thresholds are A&E's (its loss <= 1 - threshold): without that loss nothing is refined
+        self.thresholds = config.refinement_thresholds(total_steps) if config.loss_weights.get("attend_and_excite") else {}
         self.previous_masks: torch.Tensor | None = None
         self._warned_nonfinite = False
 
@@ -168,28 +169,31 @@ class GuidanceRun:
             total, terms, maps = self.loss(latent, sigma)
             entry = StepLoss(step, float(sigma), {k: v.tolist() for k, v in terms.items()}, total.tolist())
             threshold = self.thresholds.get(step)
-            if threshold is not None and bool((_refinement_criterion(terms, total) > 1.0 - threshold).any()):
-                latent, total, maps = self._refine(latent, total, terms, sigma, step_size, 1.0 - threshold, entry)
+            if threshold is not None:
+                running = _excite(terms) > 1.0 - threshold
+                if bool(running.any()):
+                    latent, total, maps = self._refine(latent, total, running, sigma, step_size, 1.0 - threshold,
+                                                       entry)
             latent = self.update(latent, total, sigma, step_size)
             if config.loss_weights.get("retention", 0):
                 self.previous_masks = L.retention_mask(maps.detach(), config.retention_threshold, config.smoothing_sigma)
         self.record.losses.append(entry)
         return latent.to(x.dtype)
 
-    def _refine(self, latent, total, terms, sigma, step_size, target, entry):
+    def _refine(self, latent, total, running, sigma, step_size, target, entry):
         """The reference's iterative refinement, batched: each image whose Attend-and-Excite loss is above
-        `target` repeats forward-loss-step (the update happens before its loss is compared, as in the reference)
+        `target` (`running`) repeats forward-loss-step (the update happens before its loss is compared, as in the reference)
         until that loss is at most `target` or max_refinement_steps updates are done; then one more forward,
         whose loss drives the step's regular update. Images at or below target are left as they are. The steps
         follow the combined loss; the stopping test is A&E's own (other terms have no such scale)."""
-        running = _refinement_criterion(terms, total) > target
         for iteration in range(self.config.max_refinement_steps):
             comfy.model_management.throw_exception_if_processing_interrupted()
             if iteration > 0:  # the first iteration's forward is the one guide() already made
                 total, terms, _maps = self.loss(latent, sigma)
                 entry.refinement.append(total.tolist())
             latent = self.update(latent, total, sigma, step_size, running).requires_grad_(True)
-            running = running & (_refinement_criterion(terms, total) > target)
+            if iteration > 0:  # `running` arrives compared with the first forward's loss
+                running = running & (_excite(terms) > target)
             if not bool(running.any()):
                 break
         latent = latent.detach().requires_grad_(True)
@@ -198,13 +202,10 @@ class GuidanceRun:
         return latent, total, maps
 
 
-def _refinement_criterion(terms: dict[str, torch.Tensor], total: torch.Tensor) -> torch.Tensor:
+def _excite(terms: dict[str, torch.Tensor]) -> torch.Tensor:
     """What refinement thresholds are compared with: the unweighted Attend-and-Excite loss, 1 - the weakest
-    subject's peak attention (A&E's definition). Without that loss nothing is refined (all -inf)."""
-    criterion = terms.get("attend_and_excite")
-    if criterion is None:
-        return torch.full_like(total.detach(), -math.inf)
-    return criterion.detach()
+    subject's peak attention (A&E's definition); the other terms have no such scale."""
+    return terms["attend_and_excite"].detach()
 
 
 class _ConstantControl:
