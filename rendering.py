@@ -7,7 +7,10 @@ Display conventions (what the Attention Map Visualiser documents):
 - every map is normalised to its own min..max after upsampling, so its weakest pixel is the cold end
   of the colormap and its strongest the hot end; the raw peak value is printed in the caption;
 - maps are upsampled bilinearly (align_corners=False) to the picture's size;
-- with a picture, the coloured map is blended over it: out = (1 - opacity) * picture + opacity * map.
+- with a picture, the coloured map is blended over it: out = (1 - opacity) * picture + opacity * map;
+- a map may cover only part of the picture (a `coverage` mask, e.g. the rectangle of an area prompt):
+  it is normalised over the covered pixels only, and outside them the picture shows unchanged (grey
+  UNCOVERED without a picture).
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ _JET = {
     "blue": ((0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)),
 }
 _LUT_SIZE = 256
+UNCOVERED = 0.35  # the grey drawn outside a map's coverage when there is no picture
 
 
 def _lut_from_hex(entries: str) -> np.ndarray:
@@ -104,11 +108,20 @@ def apply_colormap(values: np.ndarray, name: str) -> np.ndarray:
 
 # ---------------------------------------------------------------- maps
 
-def normalise(maps: np.ndarray) -> np.ndarray:
-    """Each [.., H, W] map to its own min..max (a constant map becomes all 0)."""
+def normalise(maps: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Each [.., H, W] map to its own min..max (a constant map becomes all 0); with a boolean `mask`
+    (broadcast to the maps), the min..max of the pixels it covers (pixels outside may leave 0..1)."""
     maps = np.asarray(maps, np.float32)
-    low = maps.min(axis=(-2, -1), keepdims=True)
-    span = maps.max(axis=(-2, -1), keepdims=True) - low
+    if mask is None:
+        low = maps.min(axis=(-2, -1), keepdims=True)
+        high = maps.max(axis=(-2, -1), keepdims=True)
+    else:
+        mask = np.broadcast_to(mask, maps.shape)
+        low = np.where(mask, maps, np.inf).min(axis=(-2, -1), keepdims=True)
+        high = np.where(mask, maps, -np.inf).max(axis=(-2, -1), keepdims=True)
+        empty = ~mask.any(axis=(-2, -1), keepdims=True)
+        low, high = np.where(empty, 0.0, low), np.where(empty, 0.0, high)
+    span = high - low
     return np.where(span > 0, (maps - low) / np.where(span > 0, span, 1.0), 0.0).astype(np.float32)
 
 
@@ -121,6 +134,20 @@ def upsample(maps, size: tuple[int, int]) -> np.ndarray:
     return tensor[:, 0].numpy()
 
 
+def coverage_mask(coverage, size: tuple[int, int]) -> np.ndarray | None:
+    """[.., h, w] coverage (1 = covered) -> boolean [.., H, W] (nearest pixel, so the edges stay sharp);
+    None stays None."""
+    if coverage is None:
+        return None
+    tensor = torch.as_tensor(np.asarray(coverage, np.float32) if not isinstance(coverage, torch.Tensor) else coverage)
+    tensor = tensor.detach().float().cpu()
+    lead = tensor.shape[:-2]
+    tensor = tensor.reshape(-1, 1, *tensor.shape[-2:])
+    if tuple(tensor.shape[-2:]) != tuple(size):
+        tensor = F.interpolate(tensor, size=tuple(int(s) for s in size), mode="nearest-exact")
+    return (tensor.reshape(*lead, *size) > 0.5).numpy()
+
+
 def display_size(resolution: tuple[int, int], long_side: int = 512) -> tuple[int, int]:
     """(H, W) with the map's aspect ratio and `long_side` pixels on its longer side."""
     h, w = resolution
@@ -128,11 +155,17 @@ def display_size(resolution: tuple[int, int], long_side: int = 512) -> tuple[int
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
-def blend(colour: np.ndarray, picture: np.ndarray | None, opacity: float) -> np.ndarray:
-    """(1 - opacity) * picture + opacity * colour; without a picture the colour alone."""
+def blend(colour: np.ndarray, picture: np.ndarray | None, opacity: float, mask: np.ndarray | None = None) -> np.ndarray:
+    """(1 - opacity) * picture + opacity * colour; without a picture the colour alone. With a boolean
+    [H, W] `mask`, only where it is set: elsewhere the picture (UNCOVERED grey without one)."""
     if picture is None:
-        return colour.astype(np.float32)
-    return ((1.0 - opacity) * picture + opacity * colour).astype(np.float32)
+        mixed = colour.astype(np.float32)
+    else:
+        mixed = ((1.0 - opacity) * picture + opacity * colour).astype(np.float32)
+    if mask is None:
+        return mixed
+    outside = picture if picture is not None else np.full_like(mixed, UNCOVERED)
+    return np.where(mask[..., None], mixed, outside).astype(np.float32)
 
 
 def fit_picture(picture: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -218,18 +251,21 @@ def draw_caption(canvas: Image.Image, title: str, detail: str = "", colormap: st
 # ---------------------------------------------------------------- heat maps (modes "step" and "average")
 
 def render_heatmaps(maps, labels: list[str], colormap: str, picture: np.ndarray | None = None,
-                    opacity: float = 0.6, details: list[str] | None = None, long_side: int = 512) -> np.ndarray:
+                    opacity: float = 0.6, details: list[str] | None = None, long_side: int = 512,
+                    coverage=None) -> np.ndarray:
     """One labelled heat map per subject.
 
     maps: [S, h, w] raw attention; picture: [H, W, 3] 0..1 to draw over (its size is the output size)
-    or None (then `long_side` px with the maps' aspect ratio). Returns [S, H, W, 3] float32.
+    or None (then `long_side` px with the maps' aspect ratio); coverage: [h, w], 1 where the maps
+    hold attention, or None for everywhere. Returns [S, H, W, 3] float32.
     """
     maps = np.asarray(maps.detach().cpu().float() if isinstance(maps, torch.Tensor) else maps, np.float32)
     size = picture.shape[:2] if picture is not None else display_size(maps.shape[-2:], long_side)
-    heat = apply_colormap(normalise(upsample(maps, size)), colormap)
+    mask = coverage_mask(coverage, size)
+    heat = apply_colormap(normalise(upsample(maps, size), mask), colormap)
     out = []
     for index, label in enumerate(labels):
-        canvas = _to_pil(blend(heat[index], picture, opacity))
+        canvas = _to_pil(blend(heat[index], picture, opacity, mask))
         draw_caption(canvas, label, details[index] if details else "", colormap)
         out.append(_from_pil(canvas))
     return np.stack(out)
@@ -245,18 +281,22 @@ def _tile_side(columns: int) -> int:
 
 
 def render_timeline(maps, labels: list[str], steps: list[int], colormap: str, picture: np.ndarray | None = None,
-                    opacity: float = 0.6, title: str = "") -> np.ndarray:
+                    opacity: float = 0.6, title: str = "", coverage=None) -> np.ndarray:
     """A grid: one row per subject, one column per recorded step, each tile normalised to its own min..max.
 
     More than TIMELINE_COLUMNS steps wrap into bands of equal length, each with its own step header
-    and subject rows. maps: [T, S, h, w]; steps: the T sampling step numbers. Returns [H, W, 3].
+    and subject rows. maps: [T, S, h, w]; steps: the T sampling step numbers; coverage: [T, h, w]
+    (1 where step t's maps hold attention) or None. Returns [H, W, 3].
     """
     maps = np.asarray(maps.detach().cpu().float() if isinstance(maps, torch.Tensor) else maps, np.float32)
     count, subjects = maps.shape[:2]
     bands = math.ceil(count / TIMELINE_COLUMNS)
     per_band = math.ceil(count / bands)
     tile_h, tile_w = display_size(maps.shape[-2:], _tile_side(per_band))
-    tiles = apply_colormap(normalise(upsample(maps.reshape(-1, *maps.shape[-2:]), (tile_h, tile_w))), colormap)
+    masks = coverage_mask(coverage, (tile_h, tile_w))
+    tile_masks = None if masks is None else np.repeat(masks, subjects, axis=0)
+    tiles = apply_colormap(normalise(upsample(maps.reshape(-1, *maps.shape[-2:]), (tile_h, tile_w)), tile_masks),
+                           colormap)
     tiles = tiles.reshape(count, subjects, tile_h, tile_w, 3)
     small = fit_picture(picture, (tile_h, tile_w)) if picture is not None else None
 
@@ -287,7 +327,8 @@ def render_timeline(maps, labels: list[str], steps: list[int], colormap: str, pi
             y = band_top + header_h + row * (tile_h + gap)
             draw.text((margin, y + (tile_h - size) // 2), label, font=face, fill=(255, 255, 255))
             for column, index in enumerate(columns):
-                canvas.paste(_to_pil(blend(tiles[index, row], small, opacity)), (label_w + column * (tile_w + gap), y))
+                tile = blend(tiles[index, row], small, opacity, None if masks is None else masks[index])
+                canvas.paste(_to_pil(tile), (label_w + column * (tile_w + gap), y))
     footer = "columns: sampling step; each tile normalised to its own min..max"
     draw.text((margin, height - 20), footer, font=header_face, fill=(170, 170, 170))
     return _from_pil(canvas)
@@ -300,15 +341,17 @@ def subject_colour(index: int) -> np.ndarray:
 
 
 def render_overlap(maps, labels: list[str], picture: np.ndarray | None = None, opacity: float = 0.6,
-                   detail: str = "", long_side: int = 512) -> np.ndarray:
+                   detail: str = "", long_side: int = 512, coverage=None) -> np.ndarray:
     """All subjects in one picture: each normalised map tints its own colour, colours add up (red and
-    green make yellow where both subjects attend the same pixels). Returns [H, W, 3]."""
+    green make yellow where both subjects attend the same pixels). coverage: [h, w], 1 where the maps
+    hold attention, or None for everywhere. Returns [H, W, 3]."""
     maps = np.asarray(maps.detach().cpu().float() if isinstance(maps, torch.Tensor) else maps, np.float32)
     size = picture.shape[:2] if picture is not None else display_size(maps.shape[-2:], long_side)
-    strength = normalise(upsample(maps, size))
+    mask = coverage_mask(coverage, size)
+    strength = np.clip(normalise(upsample(maps, size), mask), 0.0, 1.0)
     colours = np.stack([subject_colour(i) for i in range(len(labels))])
     mixed = np.clip(np.einsum("shw,sc->hwc", strength, colours), 0.0, 1.0)
-    canvas = _to_pil(blend(mixed, picture, opacity))
+    canvas = _to_pil(blend(mixed, picture, opacity, mask))
 
     size_px = label_size(*canvas.size[::-1])
     face, small = font(size_px), font(_detail_size(size_px))

@@ -6,6 +6,7 @@ the cross-attention directly. Position 0 of each chunk is the start token.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 
@@ -34,6 +35,9 @@ class Subjects:
     chunk_length: int                       # 77 for CLIP
     end_positions: tuple[int, ...]          # per chunk: position (in chunk) of the end token
     token_words: tuple[tuple[str, ...], ...] = field(default=())  # per chunk: decoded token text
+    # per encoding of the text (scheduled CLIP hooks may give several): a digest per 77-token chunk of the
+    # CONDITIONING it was encoded to, so that the sampler finds that cond in a combined/concatenated positive
+    fingerprints: tuple[tuple[str, ...], ...] = field(default=())
 
     @property
     def labels(self) -> list[str]:
@@ -190,3 +194,21 @@ def resolve_subjects(tokenizer, text: str, spec: str) -> Subjects:
 
 def _valid_ranges(end_positions, chunk_length) -> str:
     return ", ".join(f"{c * chunk_length + 1}..{c * chunk_length + e - 1}" for c, e in enumerate(end_positions))
+
+
+def chunk_digests(cond, chunk_length: int) -> tuple[str, ...]:
+    """A digest of each `chunk_length`-token chunk of a cross-attention cond [1, T, D] (exact values, fp32).
+
+    Encoding is deterministic and ConditioningConcat / Combine / SetArea / SetTimestepRange copy or keep the
+    tensor, so equal digests identify the text's own embedding wherever it sits."""
+    values = cond.detach()[:1].to(device="cpu", dtype=torch.float32).contiguous()
+    return tuple(hashlib.sha1(values[:, start:start + chunk_length].numpy().tobytes()).hexdigest()
+                 for start in range(0, values.shape[1] - chunk_length + 1, chunk_length))
+
+
+def find_chunks(digests: tuple[str, ...], needle: tuple[str, ...]) -> int | None:
+    """The first chunk index at which `needle` occurs in `digests` as a contiguous run, else None."""
+    for start in range(len(digests) - len(needle) + 1):
+        if digests[start:start + len(needle)] == needle:
+            return start
+    return None

@@ -13,6 +13,7 @@ Two kinds of pass read maps:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -76,14 +77,59 @@ def attention_probabilities(q: torch.Tensor, k: torch.Tensor, heads: int) -> tor
     return (q @ k.transpose(-1, -2) * dim_head ** -0.5).softmax(dim=-1)
 
 
-def _cond_rows(extra_options: dict, batch: int) -> slice | None:
-    """Rows of the batch that belong to the positive (conditional) branch, first such chunk."""
+def _cond_rows(extra_options: dict, batch: int, target_uuid=None) -> slice | None:
+    """Rows of the batch that belong to the subjects' cond: the chunk whose uuid is `target_uuid` (ComfyUI
+    batches several conds of one branch together and lists their uuids), else the first positive chunk."""
     cond_or_uncond = extra_options.get("cond_or_uncond", [0])
+    uuids = extra_options.get("uuids")
+    chunk = batch // max(len(cond_or_uncond), 1)
+    if target_uuid is not None and uuids is not None:
+        for index, (uuid, branch) in enumerate(zip(uuids, cond_or_uncond)):
+            if uuid == target_uuid and branch == 0:
+                return slice(index * chunk, (index + 1) * chunk)
+        return None
     if 0 not in cond_or_uncond:
         return None
-    chunk = batch // len(cond_or_uncond)
     start = cond_or_uncond.index(0) * chunk
     return slice(start, start + chunk)
+
+
+def layer_grid(extra_options: dict, tokens: int, downsample: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(actual, nominal) spatial size of a layer that sees `tokens` image tokens.
+
+    nominal: the UNet input's size (an area cond's crop included) at the layer's downsampling; actual: what the
+    layer really sees, which patches such as Deep Shrink change (from the host's activations_shape, else the
+    input's aspect ratio)."""
+    height, width = (int(v) for v in extra_options.get("original_shape", [0, 0, 0, 0])[-2:])
+    nominal = (-(-height // downsample), -(-width // downsample)) if height and width else None
+    shape = extra_options.get("activations_shape")
+    if shape is not None and len(shape) == 4 and int(shape[-2]) * int(shape[-1]) == tokens:
+        actual = (int(shape[-2]), int(shape[-1]))
+    else:
+        actual = _solve_grid(tokens, height, width)
+    return actual, nominal or actual
+
+
+def _solve_grid(tokens: int, height: int, width: int) -> tuple[int, int]:
+    """The (h, w) with h * w = tokens closest to the input's aspect ratio (a square without one)."""
+    ratio = height / width if height and width else 1.0
+    best = None
+    for h in range(1, tokens + 1):
+        if tokens % h == 0:
+            error = abs(math.log(h / (tokens // h) / ratio))
+            if best is None or error < best[0]:
+                best = (error, (h, tokens // h))
+    return best[1]
+
+
+def resize_maps(probs: torch.Tensor, actual: tuple[int, int], nominal: tuple[int, int]) -> torch.Tensor:
+    """[..., h*w, T] at `actual` -> [..., H*W, T] at `nominal` (bilinear; each pixel stays a distribution)."""
+    if actual == nominal:
+        return probs
+    lead, tokens = probs.shape[:-2], probs.shape[-1]
+    grid = probs.reshape(-1, *actual, tokens).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, size=nominal, mode="bilinear", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(*lead, nominal[0] * nominal[1], tokens)
 
 
 class AttentionCapture:
@@ -93,9 +139,12 @@ class AttentionCapture:
     arbitrary objects by reference) all point at the one capture of the run.
     """
 
-    def __init__(self, layers: list[CrossAttentionLayer], resolution: tuple[int, int]):
+    def __init__(self, layers: list[CrossAttentionLayer], resolution: tuple[int, int], target_uuid=None):
         self.layers = layers
         self.resolution = resolution
+        self.target_uuid = target_uuid  # the uuid of the subjects' cond (None: the first positive chunk)
+        self.grid: tuple[int, int] = resolution  # size of the maps of the last evaluation
+        self._downsample = {(layer.key[0], layer.key[1]): layer.downsample for layer in layers}
         self.recording = False      # record in the sampler's own passes
         self.guided = False         # inside a guided (autograd) pass
         self.truncate = False       # stop a guided pass after the last captured layer
@@ -107,6 +156,7 @@ class AttentionCapture:
     # --- evaluation bookkeeping ---
     def begin_evaluation(self) -> None:
         self._sum, self._heads, self._guided_maps, self._seen = None, 0, [], 0
+        self.grid = self.resolution
 
     def aggregated(self) -> torch.Tensor | None:
         """Mean over every head of every captured layer: [B, H*W, T], or None if nothing was seen."""
@@ -119,11 +169,11 @@ class AttentionCapture:
     # --- the patch ---
     def _record(self, q, k, v, extra_options, inner):
         heads = extra_options["n_heads"]
-        rows = _cond_rows(extra_options, q.shape[0])
+        rows = _cond_rows(extra_options, q.shape[0], self.target_uuid)
         if self.guided:
             probs = attention_probabilities(q, k, heads)
             if rows is not None:
-                self._guided_maps.append(probs[rows])
+                self._guided_maps.append(self._on_grid(probs[rows], extra_options))
             self._seen += 1
             if self.truncate and self._seen == len(self.layers):
                 raise TruncatedPass()
@@ -135,10 +185,20 @@ class AttentionCapture:
             return out.to(q.dtype)
         if self.recording and rows is not None:
             with torch.no_grad():
-                probs = attention_probabilities(q[rows], k[rows], heads).sum(dim=1)
+                probs = self._on_grid(attention_probabilities(q[rows], k[rows], heads).sum(dim=1), extra_options)
+            if self._sum is not None and self._sum.shape != probs.shape:
+                raise RuntimeError(f"captured maps of one evaluation differ in size ({tuple(self._sum.shape)} vs "
+                                   f"{tuple(probs.shape)})")
             self._sum = probs if self._sum is None else self._sum + probs
             self._heads += heads
         return _host_attention(q, k, v, extra_options, inner)
+
+    def _on_grid(self, probs: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        """The layer's maps on this evaluation's nominal grid (resized where a patch changed the layer's size)."""
+        downsample = self._downsample.get(tuple(extra_options.get("block") or ()), self.layers[0].downsample)
+        actual, nominal = layer_grid(extra_options, probs.shape[-2], downsample)
+        self.grid = nominal
+        return resize_maps(probs, actual, nominal)
 
     def install(self, model_options: dict) -> dict:
         """Returns a copy of model_options with the capture wrapped around each captured attn2 layer."""

@@ -149,7 +149,7 @@ def map_metrics(record, measure_steps: dict[str, int], early_step: int, temperat
     losses = pack_module("guidance.losses")
 
     def maps_at(step):
-        return losses.subject_attention_maps(record.maps[record.steps.index(step)], record.subjects,
+        return losses.subject_attention_maps(record.grid_maps(record.steps.index(step)), record.subjects,
                                              record.resolution, temperature)
 
     def peak_normalised(maps):

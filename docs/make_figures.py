@@ -56,7 +56,7 @@ def main():
     L = pack_module("guidance.losses")
     for name, (_samples, record) in runs.items():
         index = record.steps.index(last_guided)
-        maps = L.subject_attention_maps(record.maps[index], record.subjects, record.resolution)
+        maps = L.subject_attention_maps(record.grid_maps(index), record.subjects, record.resolution)
         peaks = L.max_attention_per_subject(maps)[0].tolist()
         print(f"{name}: smoothed peak attention at step {last_guided}: "
               + ", ".join(f"{label} {peak:.3f}" for label, peak in zip(record.subjects.labels, peaks)))

@@ -1,11 +1,11 @@
 """The guided sampling loop: the one place that knows ComfyUI's sampler, sigmas and latent scaling.
 
-`AttentionSampler` is a `KSAMPLER` wrapping any built-in sampler. Without guidance it runs the inner
-sampler once over the whole schedule (so its latent equals KSampler's bit for bit) and only records
-maps. With guidance it runs the inner sampler one step at a time over the guided range, changing
-the latent before each step (Attend-and-Excite / A-STAR), then the rest of the schedule in one go.
-Multistep samplers (dpmpp_2m, ...) restart their history at each guided segment; ancestral and SDE
-samplers get a fresh noise seed per segment (seed + segment index) so no noise is reused.
+`AttentionSampler` is a `KSAMPLER` wrapping any built-in sampler, run once over the whole schedule, with or
+without guidance. Its model is wrapped: the model call that begins a guided step (found by a dry run of the
+sampler, `plan_steps`) first moves the sampler's own latent in place (Attend-and-Excite / A-STAR), so
+multistep samplers keep their history and ancestral/SDE samplers their noise stream; with a step size of 0
+the result is the unguided sampler's, bit for bit. The guided pass reads the cond the SUBJECTS were encoded
+to (`bind_subjects`), wherever it sits in the positive.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import comfy.samplers
 
 from ..attention_patch.capture import AttentionCapture, TruncatedPass, select_layers
 from ..attention_patch.record import AttentionRecord, StepLoss
-from ..subjects import Subjects
+from ..subjects import Subjects, chunk_digests, find_chunks
 from . import losses as L
 from .differentiable import GuidedPassMode, recompute_feedforward
 
@@ -96,17 +96,18 @@ def input_scale(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
 
 
 class GuidanceRun:
-    """Everything one sampling run needs: the model, the positive conds, the capture, the record."""
+    """Everything one sampling run needs: the model, the subjects' cond, the capture, the record."""
 
-    def __init__(self, model_wrap, model_options: dict, capture: AttentionCapture, subjects: Subjects,
+    def __init__(self, model_k, model_options: dict, capture: AttentionCapture, binding: "SubjectBinding",
                  config: GuidanceConfig, record: AttentionRecord, total_steps: int):
-        self.inner_model = model_wrap.inner_model
-        conds = getattr(model_wrap, "conds", {}) or {}
+        self.model_k = model_k
+        self.inner_model = model_k.inner_model.inner_model
         self.residual_ids: set[int] = set()  # ControlNet residuals of the current guided pass
-        self.positive = _guided_conds(conds["positive"], self.residual_ids) if conds.get("positive") is not None else None
+        self.binding = binding
+        self.cond = _guided_conds([binding.cond], self.residual_ids)[0]
         self.model_options = model_options
         self.capture = capture
-        self.subjects = subjects
+        self.subjects = binding.subjects
         self.config = config
         self.record = record
         self.total_steps = total_steps
@@ -115,6 +116,20 @@ class GuidanceRun:
         self.thresholds = config.refinement_thresholds(total_steps) if config.loss_weights.get("attend_and_excite") else {}
         self.previous_masks: torch.Tensor | None = None
         self._warned_nonfinite = False
+        self.denoise_mask = None
+
+    def model_input(self, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        """What the model sees for the sampler's latent x: with an inpainting mask, the kept region is the
+        noised source latent (as ComfyUI's KSamplerX0Inpaint does), so only the masked region is guided."""
+        mask = self.denoise_mask
+        if mask is None:
+            return x
+        if "denoise_mask_function" in self.model_options:
+            mask = self.model_options["denoise_mask_function"](
+                sigmas, mask, extra_options={"model": self.model_k.inner_model, "sigmas": self.model_k.sigmas})
+        kept = self.inner_model.scale_latent_inpaint(x=x, sigma=sigmas, noise=self.model_k.noise,
+                                                     latent_image=self.model_k.latent_image, denoise_mask=mask)
+        return x * mask + kept * (1.0 - mask)
 
     # --- one guided forward ---
     def loss(self, x: torch.Tensor, sigma: torch.Tensor):
@@ -122,12 +137,14 @@ class GuidanceRun:
         capture = self.capture
         capture.begin_evaluation()
         capture.guided, capture.truncate = True, self.config.truncate_pass
-        sigmas = sigma.reshape(1).expand(x.shape[0]).to(x.dtype)
+        sigmas = sigma.reshape(-1)[:1].expand(x.shape[0]).to(x.dtype)
         self.residual_ids.clear()
         try:
             with GuidedPassMode(self.residual_ids), recompute_feedforward(self.inner_model.diffusion_model,
                                                                             self.config.recompute_feedforward):
-                comfy.samplers.calc_cond_batch(self.inner_model, [self.positive], x, sigmas, self.model_options)
+                # only the subjects' cond: its maps are the ones guided, wherever it sits in the positive
+                comfy.samplers.calc_cond_batch(self.inner_model, [[self.cond]], self.model_input(x, sigmas), sigmas,
+                                               self.model_options)
         except TruncatedPass:
             pass
         finally:
@@ -136,8 +153,8 @@ class GuidanceRun:
         aggregated = capture.aggregated()
         capture.begin_evaluation()
         if aggregated is None:
-            raise RuntimeError("the guided pass recorded no cross-attention of the positive prompt")
-        maps = L.subject_attention_maps(aggregated.float(), self.subjects, self.record.resolution,
+            raise RuntimeError("the guided pass recorded no cross-attention of the subjects' prompt")
+        maps = L.subject_attention_maps(self.binding.own_tokens(aggregated).float(), self.subjects, capture.grid,
                                         self.config.temperature, self.config.exclude_padding)
         total, terms = L.combined_loss(maps, self.config.loss_weights, self.previous_masks, self.config.smoothing_sigma)
         return total, terms, maps
@@ -153,15 +170,16 @@ class GuidanceRun:
                             "the affected image(s) (further occurrences are not reported)", float(sigma))
                 self._warned_nonfinite = True
             grad = torch.where(finite.view(-1, *[1] * (grad.ndim - 1)), grad, torch.zeros_like(grad))
-        c_in = input_scale(self.inner_model.model_sampling, sigma.float().reshape(1))
+        c_in = input_scale(self.inner_model.model_sampling, sigma.float().reshape(-1)[:1])
         delta = step_size * grad / (c_in.to(grad) ** 2)
         if active is not None:
             delta = delta * active.view(-1, *[1] * (grad.ndim - 1)).to(delta)
         return (x - delta).detach()
 
-    def guide(self, x: torch.Tensor, step: int, sigma: torch.Tensor) -> torch.Tensor:
+    def guide(self, x: torch.Tensor, step: int, sigma: torch.Tensor, denoise_mask=None) -> torch.Tensor:
         """The latent change before step `step` (Attend-and-Excite's per-step loop, batched per image)."""
         comfy.model_management.throw_exception_if_processing_interrupted()
+        self.denoise_mask = denoise_mask
         config = self.config
         step_size = float(self.step_sizes[step])
         with torch.inference_mode(False), torch.enable_grad():
@@ -236,30 +254,228 @@ def _guided_conds(conds: list[dict], residual_ids: set[int]) -> list[dict]:
             for c in conds]
 
 
-class _RecordingModel:
-    """Wraps the sampler's denoiser: marks evaluation boundaries and keeps each step's first maps."""
+@dataclass(frozen=True)
+class SubjectBinding:
+    """The positive cond the SUBJECTS were encoded to, and where the subjects' tokens sit in it."""
+    subjects: Subjects
+    cond: dict
+    chunk_offset: int  # the subjects' text starts at chunk `chunk_offset` of the cond (ConditioningConcat)
 
-    def __init__(self, inner, capture: AttentionCapture, record: AttentionRecord, sigmas: torch.Tensor):
-        self.inner = inner
-        self.capture = capture
-        self.record = record
-        self.sigmas = sigmas
-        self.step = 0
+    def own_tokens(self, aggregated: torch.Tensor) -> torch.Tensor:
+        """[B, N, T_cond] -> [B, N, T_subjects]: the subjects' own text's tokens, as their positions count them."""
+        start = self.chunk_offset * self.subjects.chunk_length
+        return aggregated[:, :, start:start + self.subjects.num_tokens]
+
+    def area(self, latent_shape) -> tuple[float, float, float, float] | None:
+        """The cond's area as (top, left, height, width) fractions of the latent, None for the whole image."""
+        area = self.cond.get("area")
+        if area is None or len(area) < 4 or isinstance(area[0], str):
+            return None
+        height, width = int(latent_shape[-2]), int(latent_shape[-1])
+        h, w, y, x = (int(v) for v in area[:4])
+        h, w = min(height - y, h), min(width - x, w)  # as ComfyUI clamps it
+        if (h, w, y, x) == (height, width, 0, 0):
+            return None
+        return (y / height, x / width, h / height, w / width)
+
+    def active(self, sigma: float) -> bool:
+        """Whether the cond takes part at sigma (ConditioningSetTimestepRange), as ComfyUI decides it."""
+        start, end = self.cond.get("timestep_start"), self.cond.get("timestep_end")
+        return not ((start is not None and sigma > float(start)) or (end is not None and sigma < float(end)))
+
+
+def _cross_attention(cond: dict):
+    return getattr(cond.get("model_conds", {}).get("c_crossattn"), "cond", None)
+
+
+def bind_subjects(subjects: Subjects, conds: dict) -> SubjectBinding:
+    """Finds the positive cond that SUBJECTS were made with (by its embedding's chunk digests).
+
+    Raises a clear error when no positive cond matches: SUBJECTS of another Attention Text Encode node, or
+    of the negative prompt, would guide the token positions of a different text."""
+    positive = conds.get("positive") or []
+    if not positive:
+        raise ValueError("the guider has no 'positive' conditioning (use CFGGuider, BasicGuider, DualCFGGuider or "
+                         "KSampler's positive input)")
+    if not subjects.fingerprints:  # SUBJECTS built outside Attention Text Encode: only one cond is unambiguous
+        with_tokens = [c for c in positive if _cross_attention(c) is not None]
+        if len(with_tokens) != 1:
+            raise ValueError("these SUBJECTS carry no fingerprint of their text and the positive holds "
+                             f"{len(with_tokens)} conds: connect the SUBJECTS of the Attention Text Encode node "
+                             "whose CONDITIONING is in the positive")
+        return SubjectBinding(subjects, with_tokens[0], 0)
+    for cond in positive:
+        tokens = _cross_attention(cond)
+        if tokens is None:
+            continue
+        digests = chunk_digests(tokens, subjects.chunk_length)
+        for fingerprint in subjects.fingerprints:
+            start = find_chunks(digests, fingerprint)
+            if start is not None:
+                return SubjectBinding(subjects, cond, start)
+    where = "the negative prompt's" if any(
+        _matches(subjects, c) for c in conds.get("negative") or []) else "no positive cond's"
+    raise ValueError(f"the SUBJECTS ({', '.join(subjects.labels)}; prompt '{subjects.prompt[:60]}') match "
+                     f"{where} text: connect the SUBJECTS of the Attention Text Encode node whose CONDITIONING "
+                     "feeds the positive (directly or through Conditioning Combine/Concat/Set Area/Set Timestep "
+                     "Range)")
+
+
+def _matches(subjects: Subjects, cond: dict) -> bool:
+    tokens = _cross_attention(cond)
+    if tokens is None:
+        return False
+    digests = chunk_digests(tokens, subjects.chunk_length)
+    return any(find_chunks(digests, f) is not None for f in subjects.fingerprints)
+
+
+@dataclass
+class StepPlan:
+    """Which of the sampler's model calls begin a step, learned from a dry run of the sampler.
+
+    Samplers call the model several times per step (heun's correction at the next sigma, the stages of
+    dpmpp_sde, sa_solver_pece's second evaluation...), so neither "one call per step" nor "the first call at
+    sigma_i" holds. The dry run replaces the model by a cheap stand-in and watches the sampler's callbacks: the
+    call that begins step i is the one in the window before callback(i) whose input is the state the callback
+    reports (else the window's last call, for samplers that hand the model a rescaled copy: uni_pc).
+    Adaptive samplers (dpm_adaptive) change their calls with the model's values: then the first call after
+    each callback begins a step, decided while sampling."""
+    first_calls: dict[int, int] = field(default_factory=dict)  # model call index -> sampler step index
+    online: bool = False
+
+
+def plan_steps(sampler_function, model_k, x, sigmas, extra_args, extra_options) -> StepPlan:
+    def dry_run(scale):
+        calls, events = [], []
+        stand_in = _StandInModel(model_k, calls, scale)
+
+        def callback(info):
+            events.append((int(info["i"]), info["x"], len(calls)))
+        args = dict(extra_args)
+        args["model_options"] = dict(args.get("model_options") or {})
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the stand-in run must not move the real run's RNG
+            sampler_function(stand_in, x.clone(), sigmas, extra_args=args, callback=callback, disable=True,
+                             **extra_options)
+        return calls, events
+
+    try:
+        calls, events = dry_run(0.5)
+        calls_again, _ = dry_run(0.25)
+    except Exception as error:  # noqa: BLE001 - a sampler the stand-in cannot drive: decide while sampling
+        log.debug("attention guidance: dry run of the sampler failed (%s); steps are found while sampling", error)
+        return StepPlan(online=True)
+    if [s for _x, s in calls] != [s for _x, s in calls_again]:
+        return StepPlan(online=True)
+    plan = StepPlan()
+    previous = 0
+    for step, state, count in events:
+        window = range(previous, count)
+        if len(window):
+            same = [k for k in window if calls[k][0] is state]
+            plan.first_calls[same[0] if same else window[-1]] = step
+        previous = count
+    return plan
+
+
+class _StandInModel:
+    """The sampler's model for the dry run: denoised = scale * x, the post-CFG hooks fed as CFG would."""
+
+    def __init__(self, inner, calls: list, scale: float):
+        self.inner, self.calls, self.scale = inner, calls, scale
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def __call__(self, x, sigma, *args, **kwargs):
-        want = self.capture.recording and (not self.record.steps or self.record.steps[-1] != self.step)
-        if want:
+    def __call__(self, x, sigma, model_options=None, **kwargs):
+        self.calls.append((x, float(sigma.reshape(-1)[0])))
+        out = x * self.scale
+        for function in (model_options or {}).get("sampler_post_cfg_function", []):
+            out = function({"denoised": out, "cond": None, "uncond": None, "cond_scale": 1.0, "model": self.inner,
+                            "uncond_denoised": out, "cond_denoised": out, "sigma": sigma,
+                            "model_options": model_options, "input": x})
+        return out
+
+
+def schedule_step(sigmas: torch.Tensor, sigma: float) -> int:
+    """The schedule step i with sigmas[i] >= sigma > sigmas[i+1] (sigma on the schedule: that step)."""
+    values = sigmas.tolist()
+    for i in range(len(values) - 1):
+        if sigma >= values[i + 1] and (sigma > values[i + 1] or values[i] == values[i + 1]) \
+                and sigma <= values[i] * (1 + 1e-6) + 1e-12:
+            return i
+    return 0 if sigma > values[0] else len(values) - 2
+
+
+class _GuidedModel:
+    """The sampler's model, run once over the whole schedule: at the call that begins a guided step it moves
+    the sampler's latent (in place, so every sampler keeps its history and noise stream) and records maps."""
+
+    def __init__(self, inner, sigmas, plan: StepPlan, capture: AttentionCapture, record: AttentionRecord | None,
+                 run: GuidanceRun | None, guided: set[int], binding: SubjectBinding, state_scale=None):
+        self.inner, self.sigmas, self.plan = inner, sigmas, plan
+        self.capture, self.record, self.run, self.guided = capture, record, run, guided
+        self.binding = binding
+        self.state_scale = state_scale  # for samplers that give the model a rescaled copy of their state
+        self.calls = 0
+        self.after_callback = True
+        self.step = -1
+        self.pending: torch.Tensor | None = None
+        self.guided_done: set[int] = set()
+        self.skipped: list[int] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, x, sigma, denoise_mask=None, **kwargs):
+        call, self.calls = self.calls, self.calls + 1
+        begins = self.after_callback if self.plan.online else call in self.plan.first_calls
+        self.after_callback = False
+        if not begins:
+            return self.inner(x, sigma, denoise_mask=denoise_mask, **kwargs)
+        self.step = self.plan.first_calls.get(call, self.step + 1) if not self.plan.online else self.step + 1
+        value = float(sigma.reshape(-1)[0])
+        index = schedule_step(self.sigmas, value)
+        delta = None
+        if self.run is not None and index in self.guided and index not in self.guided_done:
+            self.guided_done.add(index)
+            if self.binding.active(value):
+                guided = self.run.guide(x, index, sigma.reshape(-1)[0], denoise_mask)
+                delta = guided - x
+                x.copy_(guided)  # the sampler's own latent: its next computations start from the guided one
+            else:
+                self.skipped.append(index)
+        recording = self.record is not None
+        if recording:
             self.capture.begin_evaluation()
-        out = self.inner(x, sigma, *args, **kwargs)
-        if want:
+        out = self.inner(x, sigma, denoise_mask=denoise_mask, **kwargs)
+        if recording:
             maps = self.capture.aggregated()
             if maps is not None:
-                self.record.add_maps(self.step, float(self.sigmas[self.step]), maps)
+                self.record.add_maps(self.step, value, self.binding.own_tokens(maps), resolution=self.capture.grid,
+                                     area=self.binding.area(x.shape))
             self.capture.begin_evaluation()
+        if delta is not None and self.state_scale is not None:
+            # the input was a rescaled copy: keep the model's output consistent with the sampler's unmoved
+            # state and move that state when the step reports it (callback)
+            out = out + delta
+            self.pending = delta * self.state_scale(value)
         return out
+
+    def on_callback(self, info: dict) -> None:
+        self.after_callback = True
+        if self.pending is not None:
+            info["x"].add_(self.pending.to(info["x"]))
+            self.pending = None
+
+
+def _rescaled_state(sampler_function):
+    """The factor from the model's input to the sampler's state, for samplers whose state is not the latent
+    the model sees: ComfyUI's UniPC works on x / sqrt(1 + sigma^2) (variance-preserving scaling)."""
+    from comfy.extra_samplers import uni_pc
+    if sampler_function in (uni_pc.sample_unipc, uni_pc.sample_unipc_bh2):
+        return lambda sigma: 1.0 / math.sqrt(1.0 + sigma ** 2)
+    return None
 
 
 class AttentionSampler(comfy.samplers.KSAMPLER):
@@ -279,10 +495,11 @@ class AttentionSampler(comfy.samplers.KSAMPLER):
                disable_pbar=False):
         diffusion_model = model_wrap.inner_model.diffusion_model
         layers, resolution = select_layers(diffusion_model, noise.shape, self.attention_resolution)
-        _check_tokens(self.subjects, model_wrap)
+        binding = bind_subjects(self.subjects, getattr(model_wrap, "conds", {}) or {})
+        _check_tokens(binding)
         for warning in self.warnings:
             log.warning("attention guidance: %s", warning)
-        capture = AttentionCapture(layers, resolution)
+        capture = AttentionCapture(layers, resolution, binding.cond.get("uuid"))
         extra_args = dict(extra_args)
         # the guided passes always read maps; the sampler's own passes only when maps are recorded, so that
         # unguided steps cost what plain sampling costs
@@ -304,47 +521,41 @@ class AttentionSampler(comfy.samplers.KSAMPLER):
         model_sampling = model_wrap.inner_model.model_sampling
         x = model_sampling.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
 
-        recorder = _RecordingModel(model_k, capture, record, sigmas) if self.record_maps else model_k
         capture.recording = self.record_maps
         guided = [i for i in self.config.guided_steps(total_steps) if i < total_steps] if self.config.enabled else []
-        run = GuidanceRun(model_wrap, captured_options, capture, self.subjects, self.config, record,
-                          total_steps) if guided else None
-        if run is not None and run.positive is None:
-            raise ValueError("the guider has no 'positive' conditioning to guide (use CFGGuider or BasicGuider)")
+        if self.config.enabled and not guided:
+            log.warning("attention guidance: the guided range [%s, %s) covers no step of the %d-step schedule: "
+                        "nothing is guided", self.config.guidance_start, self.config.guidance_end, total_steps)
+        inactive = [i for i in guided if not binding.active(float(sigmas[i]))]
+        if inactive:
+            log.warning("attention guidance: the subjects' prompt is not active at guided step(s) %s (its "
+                        "timestep range): those steps are not guided", inactive)
+        run = GuidanceRun(model_k, captured_options, capture, binding, self.config, record, total_steps) \
+            if guided else None
+        needs_steps = self.record_maps or run is not None
+        plan = plan_steps(self.sampler_function, model_k, x, sigmas, extra_args, self.extra_options) \
+            if needs_steps else StepPlan()
+        model = _GuidedModel(model_k, sigmas, plan, capture, record if self.record_maps else None, run, set(guided),
+                             binding, _rescaled_state(self.sampler_function)) if needs_steps else model_k
 
-        seed = extra_args.get("seed")
-        # segments: one step per guided step, then the rest of the schedule in one run of the sampler
-        bounds = sorted(set(guided + [i + 1 for i in guided] + [0, total_steps]))
-        for segment, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-            if run is not None and start in guided:
-                x = run.guide(x, start, sigmas[start])
-            if self.record_maps:
-                recorder.step = start
-            seg_args = dict(extra_args)
-            if seed is not None and segment > 0:
-                seg_args["seed"] = seed + segment
+        def step_callback(info):
+            if needs_steps:
+                model.on_callback(info)
+            if callback is not None:
+                callback(info["i"], info["denoised"], info["x"], total_steps)
 
-            def seg_callback(info, offset=start):
-                if self.record_maps:
-                    recorder.step = offset + info["i"] + 1
-                if callback is not None:
-                    callback(offset + info["i"], info["denoised"], info["x"], total_steps)
-
-            x = self.sampler_function(recorder, x, sigmas[start:end + 1], extra_args=seg_args, callback=seg_callback,
-                                      disable=disable_pbar, **self.extra_options)
+        x = self.sampler_function(model, x, sigmas, extra_args=extra_args, callback=step_callback,
+                                  disable=disable_pbar, **self.extra_options)
         return model_sampling.inverse_noise_scaling(sigmas[-1], x)
 
 
-def _check_tokens(subjects: Subjects, model_wrap) -> None:
-    conds = getattr(model_wrap, "conds", {}) or {}
-    for cond in conds.get("positive", []) or []:
-        cross = cond.get("model_conds", {}).get("c_crossattn")
-        tokens = getattr(cross, "cond", None)
-        if tokens is None:
-            continue
-        largest = max(p for s in subjects.subjects for p in s.token_positions)
-        if tokens.shape[1] <= largest:
-            raise ValueError(f"subject token position {largest} is beyond the positive conditioning's "
-                             f"{tokens.shape[1]} tokens: connect the CONDITIONING and SUBJECTS of the same "
-                             "Attention Text Encode node")
+def _check_tokens(binding: SubjectBinding) -> None:
+    tokens = _cross_attention(binding.cond)
+    if tokens is None:
         return
+    available = tokens.shape[1] - binding.chunk_offset * binding.subjects.chunk_length
+    largest = max(p for s in binding.subjects.subjects for p in s.token_positions)
+    if available <= largest:
+        raise ValueError(f"subject token position {largest} is beyond the positive conditioning's "
+                         f"{available} tokens: connect the CONDITIONING and SUBJECTS of the same "
+                         "Attention Text Encode node")

@@ -1,7 +1,9 @@
 """Attention Text Encode: CLIPTextEncode plus the subject token positions the guidance reads."""
+import dataclasses
+
 from comfy_api.latest import io
 
-from ..subjects import SubjectError, resolve_subjects
+from ..subjects import SubjectError, chunk_digests, resolve_subjects
 from .types import Subjects
 
 
@@ -39,7 +41,10 @@ class AttentionTextEncode(io.ComfyNode):
         except SubjectError as error:
             raise ValueError(f"Attention Text Encode: {error}") from None
         tokens = clip.tokenize(text)
-        return io.NodeOutput(clip.encode_from_tokens_scheduled(tokens), resolved)
+        conditioning = clip.encode_from_tokens_scheduled(tokens)
+        # bind SUBJECTS to this text's embedding: the sampler finds it among the positive conds
+        fingerprints = tuple(chunk_digests(cond, resolved.chunk_length) for cond, _options in conditioning)
+        return io.NodeOutput(conditioning, dataclasses.replace(resolved, fingerprints=fingerprints))
 
 
 NODES = [AttentionTextEncode]

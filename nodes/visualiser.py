@@ -28,7 +28,7 @@ def _ranges(numbers: list[int]) -> str:
 
 
 def resolve_step(record, step: int) -> int:
-    """The index into record.maps for `step`: a sampling step number as recorded, or negative from the
+    """The entry index of the record (record.grid_maps(index)) for `step`: a sampling step number as recorded, or negative from the
     end of the recorded steps (-1 = the last)."""
     count = len(record.steps)
     if step < 0:
@@ -91,23 +91,42 @@ def render(record, mode: str, step: int, colormap: str, opacity: float, batch_in
     picture = _picture(image, batch_index, batch)
     total = record.total_steps or len(record.steps)
 
+    entries = range(len(record.maps))
+    # entries that cover part of the image (an area prompt) are drawn only there; None: all covered
+    coverage = torch.stack([record.grid_coverage(i) for i in entries]) if record.has_areas else None
+
     if mode == "timeline":
-        maps = torch.stack([record.subject_maps(i)[batch_index] for i in range(len(record.maps))])
+        maps = torch.stack([record.subject_maps(i)[batch_index] for i in entries])
         title = f"Attention per step (image {batch_index})"
-        return rendering.render_timeline(maps, labels, list(record.steps), colormap, picture, opacity, title)[None]
+        return rendering.render_timeline(maps, labels, list(record.steps), colormap, picture, opacity, title,
+                                         coverage)[None]
 
     if mode == "average":
-        maps = torch.stack([record.subject_maps(i)[batch_index] for i in range(len(record.maps))]).mean(dim=0)
+        maps = torch.stack([record.subject_maps(i)[batch_index] for i in entries]).mean(dim=0)
         when = f"mean of {len(record.maps)} steps"
+        covered = None if coverage is None else coverage.amax(dim=0)
     else:
         index = resolve_step(record, step)
         maps = record.subject_maps(index)[batch_index]
-        when = f"step {record.steps[index]} of 0..{total - 1}"
+        when = f"step {record.steps[index]} of 0..{total - 1}" + _entry_note(record, index)
+        covered = None if coverage is None else coverage[index]
 
     if mode == "overlap":
-        return rendering.render_overlap(maps, labels, picture, opacity, detail=f"{when}; mixed = overlap")[None]
+        return rendering.render_overlap(maps, labels, picture, opacity, detail=f"{when}; mixed = overlap",
+                                        coverage=covered)[None]
     details = [f"{when}, peak {float(m.max()):.3g}" for m in maps]
-    return rendering.render_heatmaps(maps, labels, colormap, picture, opacity, details)
+    return rendering.render_heatmaps(maps, labels, colormap, picture, opacity, details, coverage=covered)
+
+
+def _entry_note(record, index: int) -> str:
+    """How entry `index` was put on the record's grid, for the caption ('' when it was captured on it)."""
+    notes = []
+    resolution = record.entry_resolution(index)
+    if resolution != tuple(record.resolution):
+        notes.append(f"captured {resolution[0]}x{resolution[1]}")
+    if record.entry_area(index) is not None:
+        notes.append("area")
+    return f" ({', '.join(notes)})" if notes else ""
 
 
 class AttentionVisualize(io.ComfyNode):
