@@ -40,8 +40,9 @@ class AttentionKSampler(io.ComfyNode):
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale. Attend-and-Excite's paper: 7.5."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES,
-                               tooltip="Any of ComfyUI's samplers; multistep ones restart their history at each "
-                                       "guided step."),
+                               tooltip="Any of ComfyUI's samplers. It runs once over the schedule: the guidance "
+                                       "moves its latent before guided steps, so multistep history and the "
+                                       "noise of ancestral/SDE samplers carry on."),
                 io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES,
                                tooltip="The noise schedule."),
                 io.Conditioning.Input("positive", tooltip="From Attention Text Encode."),
