@@ -262,9 +262,9 @@ class PackTrace:
                               "peaks": losses.max_attention_per_subject(maps.detach())[0]}
             return maps
 
-        def traced_guide(self, x, step, sigma):
+        def traced_guide(self, x, step, sigma, *args, **kwargs):
             trace.step = step
-            return guide(self, x, step, sigma)
+            return guide(self, x, step, sigma, *args, **kwargs)
 
         def traced_loss(self, x, sigma):
             total, terms, maps = loss(self, x, sigma)
