@@ -79,13 +79,14 @@ def attention_probabilities(q: torch.Tensor, k: torch.Tensor, heads: int) -> tor
 
 def _cond_rows(extra_options: dict, batch: int, target_uuid=None) -> slice | None:
     """Rows of the batch that belong to the subjects' cond: the chunk whose uuid is `target_uuid` (ComfyUI
-    batches several conds of one branch together and lists their uuids), else the first positive chunk."""
+    batches several conds together and lists their uuids), else the first positive chunk."""
     cond_or_uncond = extra_options.get("cond_or_uncond", [0])
     uuids = extra_options.get("uuids")
     chunk = batch // max(len(cond_or_uncond), 1)
     if target_uuid is not None and uuids is not None:
-        for index, (uuid, branch) in enumerate(zip(uuids, cond_or_uncond)):
-            if uuid == target_uuid and branch == 0:
+        # by uuid alone: guiders order their branches as they like (DualCFGGuider puts the positive third)
+        for index, uuid in enumerate(uuids):
+            if uuid == target_uuid:
                 return slice(index * chunk, (index + 1) * chunk)
         return None
     if 0 not in cond_or_uncond:

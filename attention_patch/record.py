@@ -24,10 +24,13 @@ class StepLoss:
 
 @dataclass
 class AttentionRecord:
-    """Aggregated cross-attention of the positive prompt, one entry per recorded step.
+    """Aggregated cross-attention of the subjects' prompt, one entry per recorded step.
 
     maps[i] is entry i as captured, [batch, h*w, tokens] (fp32, CPU): softmax probabilities averaged
-    uniformly over every head of every captured layer; each pixel sums to 1 over the tokens.
+    uniformly over every head of every captured layer, over the tokens of the subjects' own text (the
+    subjects' positions index it). Each pixel sums to 1 over the tokens, except when that text was
+    concatenated with another (ConditioningConcat): the softmax then ran over both texts and the record
+    keeps the subjects' share.
     resolutions[i] is its (h, w) and areas[i] the rectangle of the image it covers (None: all of it).
 
     `resolution` is the run's nominal grid: the size the maps have without patches that resize the
