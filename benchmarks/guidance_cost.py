@@ -42,6 +42,8 @@ import sys
 import time
 from pathlib import Path
 
+# before torch is imported: OpenMP threads sleep instead of spinning (a busy machine slowed runs 10x)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # also reaches the worker subprocesses
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from losses_effect import PACK_DIR, boot_host, emit, find_host, pack_module  # noqa: E402
 
@@ -220,8 +222,11 @@ def measure_steps(model, positive, negative, subjects, args, results: dict) -> N
         model_sampling = model_wrap.inner_model.model_sampling
         x = model_sampling.noise_scaling(sigma, noise, latent_image)
         layers, resolution = capture_module.select_layers(model_wrap.inner_model.diffusion_model, noise.shape, 0)
-        capture = capture_module.AttentionCapture(layers, resolution)
+        binding = sampler_module.bind_subjects(subjects, model_wrap.conds)
+        capture = capture_module.AttentionCapture(layers, resolution, binding.cond.get("uuid"))
         options = capture.install(extra_args["model_options"])
+        model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
+        model_k.latent_image, model_k.noise = latent_image, noise
         record = record_module.AttentionRecord(subjects, resolution, total_steps=steps)
         config = sampler_module.GuidanceConfig(loss_weights={"attend_and_excite": 1.0}, refinement=())
         variants = {  # (truncate_pass, recompute_feedforward)
@@ -230,7 +235,7 @@ def measure_steps(model, positive, negative, subjects, args, results: dict) -> N
             "guide_full": (False, False),   # the naive full-pass backward (what the reference pays)
         }
         runs = {name: sampler_module.GuidanceRun(
-                    model_wrap, options, capture, subjects,
+                    model_k, options, capture, binding,
                     dataclasses.replace(config, truncate_pass=truncate, recompute_feedforward=recompute), record, steps)
                 for name, (truncate, recompute) in variants.items()}
         operations = {
