@@ -4,10 +4,13 @@ Attend-and-Excite's defaults (25 guided steps, refinement at steps 0/10/20 up to
     python benchmarks/guided_run_time.py [--steps 50] [--size 256]
 """
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
+# before torch is imported: OpenMP threads sleep instead of spinning (a busy machine slowed runs 10x)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from harness import pack_module  # noqa: E402  (boots the ComfyUI host, loads the pack)
 

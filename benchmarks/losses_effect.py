@@ -39,6 +39,9 @@ import sys
 import time
 from pathlib import Path
 
+# before torch is imported: OpenMP threads sleep instead of spinning (a busy machine slowed runs 10x)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 PACK_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_PROMPTS = PACK_DIR.parent / "shared" / "data" / "attend_and_excite_prompts.json"
 CATEGORIES = ("animals", "animals_objects", "objects")

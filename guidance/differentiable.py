@@ -8,7 +8,10 @@ cannot save for backward. `GuidedPassMode` makes one guided pass differentiable 
   reference to the weight and save nothing (no copy of the weights, which would double the pass's memory);
 - any other op that autograd records gets non-inference copies of its inference-tensor inputs, made on
   first use and dropped with the pass (norm weights and the like: small);
-- ControlNet residuals of this pass are added out of place (see `GuidedPassMode`).
+- ControlNet residuals of this pass are added out of place (see `GuidedPassMode`);
+- other in-place edits (model patches such as FreeU's `h[:, :n] = h[:, :n] * s`) run in place as the host
+  wrote them, and the tensors autograd saved that they would overwrite are copied just before the edit
+  (`SavedTensors`): the forward's values are unchanged and the backward sees what the forward saw.
 
 `recompute_feedforward` trades time for memory: the transformer blocks' feed-forward activations (the largest
 share of what the pass keeps, about 45% on SDXL) are recomputed during the backward instead of stored.
@@ -16,6 +19,7 @@ share of what the pass keeps, about 45% on SDXL) are recomputed during the backw
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -83,12 +87,109 @@ def _tensors(value):
 
 
 _INPLACE_OPERATORS = {f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul",
-                                                 "and", "or", "xor", "lshift", "rshift")}
+                                                 "and", "or", "xor", "lshift", "rshift")} | {"__setitem__"}
+_METADATA_ONLY = {"requires_grad_", "share_memory_", "detach_"}  # named like in-place ops, write no values
 
 
 def _is_inplace(func) -> bool:
     name = getattr(func, "__name__", "")
     return (name.endswith("_") and not name.startswith("__")) or name in _INPLACE_OPERATORS
+
+
+def _written(func, args, kwargs, inplace: bool) -> list[torch.Tensor]:
+    """The tensors whose values `func(*args, **kwargs)` overwrites (`inplace`: `_is_inplace(func)`): an
+    in-place op's (or `inplace=True` function's) first argument, and `out=`."""
+    if not (inplace or kwargs):  # the common case, on every op of the pass: nothing to look at
+        return []
+    written = list(_tensors(kwargs.get("out")))
+    if (inplace and getattr(func, "__name__", "") not in _METADATA_ONLY) or kwargs.get("inplace") is True:
+        written += _tensors(args[0] if args else kwargs.get("input", kwargs.get("self")))
+    return written
+
+
+def _storage_key(tensor: torch.Tensor):
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse, nested, ...: no plain storage to share
+        return None
+    return (tensor.device, storage.data_ptr()) if storage.nbytes() else None
+
+
+class _Saved:
+    """One tensor autograd saved during the guided pass: `tensor` (detached: holding the tensor itself would
+    make a reference cycle through its grad_fn) and its version when saved; `packed` is what an enclosing
+    saved-tensor hook made of it, if there is one and it did not return the tensor as it was."""
+    __slots__ = ("tensor", "version", "packed", "__weakref__")
+
+    def __init__(self, tensor, packed=None):
+        self.tensor, self.version, self.packed = tensor, tensor._version if tensor is not None else 0, packed
+
+
+class SavedTensors:
+    """Saved-tensor hooks that make autograd's saved tensors immune to later in-place edits.
+
+    Packing keeps a reference (no copy) and files it under its storage. `protect(t)`, called before an op
+    overwrites `t`, replaces every saved tensor sharing t's storage by a copy of its current values, so the
+    copies cost memory only where an edit happens, and only the size of the saved tensors it would overwrite.
+    Unpacking checks the version, as autograd does without hooks (hooks turn its check off): a saved tensor
+    changed by an edit that did not pass through `protect` still raises instead of giving a wrong gradient.
+
+    An enclosing saved-tensor hook (a memory probe, CPU offload) keeps working: it packs first, and what
+    it returns is tracked only if it is the tensor itself.
+    """
+
+    def __init__(self):
+        self._by_storage: dict[tuple, list[weakref.ref]] = {}  # filled during the forward, cleared at exit
+        self._hooks = None
+        self.copied_bytes = 0  # what protect() copied in this pass: 0 when nothing edits a saved tensor
+
+    def __enter__(self):
+        top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda _tracing: None)(False)
+        outer_pack, outer_unpack = top if top is not None else (None, None)
+
+        def pack(tensor):
+            with torch._C.DisableTorchFunction():  # may run while GuidedPassMode is active
+                packed = outer_pack(tensor) if outer_pack is not None else tensor
+                if packed is not tensor:
+                    return _Saved(None, packed)
+                saved = _Saved(tensor.detach())
+                key = _storage_key(tensor)
+                if key is not None:
+                    self._by_storage.setdefault(key, []).append(weakref.ref(saved))
+                return saved
+
+        def unpack(saved):
+            if saved.tensor is None:
+                return outer_unpack(saved.packed)
+            if saved.tensor._version != saved.version:
+                raise RuntimeError(
+                    "one of the variables needed for gradient computation has been modified by an inplace "
+                    f"operation: [{saved.tensor.type()} {list(saved.tensor.shape)}] is at version "
+                    f"{saved.tensor._version}; expected version {saved.version} instead. The guided pass "
+                    "copies saved tensors before in-place edits it sees; this edit ran outside it.")
+            return outer_unpack(saved.tensor) if outer_unpack is not None else saved.tensor
+
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._by_storage.clear()
+        self._hooks.__exit__(*exc)
+        self._hooks = None
+
+    def protect(self, written: torch.Tensor) -> None:
+        """Copy the saved tensors that share `written`'s storage, before an op overwrites it."""
+        key = _storage_key(written) if self._by_storage else None
+        entries = self._by_storage.pop(key, None) if key is not None else None
+        for ref in entries or ():
+            saved = ref()
+            if saved is None or saved.tensor._version != saved.version:
+                continue  # freed with its graph; or already changed behind our back: unpack will say so
+            with torch._C.DisableTorchFunction(), torch.no_grad():
+                saved.tensor = saved.tensor.clone()
+            saved.version = saved.tensor._version
+            self.copied_bytes += saved.tensor.nbytes
 
 
 class GuidedPassMode(TorchFunctionMode):
@@ -99,13 +200,37 @@ class GuidedPassMode(TorchFunctionMode):
       inference-tensor inputs (made once per pass). Ops off the latent's path run as they are, unrecorded.
     - The UNet adds ControlNet residuals in place (`h += ctrl` on skip tensors autograd has saved). For the
       residuals this pass produced (`residual_ids`), that add is made out of place; `h += ctrl` rebinds h to
-      the result, so the forward is unchanged. Other in-place ops are left alone.
+      the result, so the forward is unchanged (and nothing is copied).
+    - Every other in-place edit runs in place, so code holding a reference to the edited tensor (or to a
+      view of it: `h[:, :n] *= s` is getitem, imul, setitem) sees the change as without guidance. What
+      autograd saved of the edited storage is copied first (`SavedTensors`, `protect_saved`); passes without
+      such edits copy nothing. Not covered, as in plain autograd: edits of the latent (a leaf) and of views
+      from multi-output ops (`chunk`, `split`, `unbind`).
     """
 
-    def __init__(self, residual_ids: set[int] | None = None):
+    def __init__(self, residual_ids: set[int] | None = None, protect_saved: bool = True):
         super().__init__()
         self.copies: dict[int, torch.Tensor] = {}
         self.residual_ids = residual_ids if residual_ids is not None else set()
+        # off where the pass's saved tensors belong to someone else's hooks (torch.utils.checkpoint's)
+        self.saved = SavedTensors() if protect_saved else None
+
+    def __enter__(self):
+        if self.saved is not None:
+            self.saved.__enter__()
+        try:
+            return super().__enter__()
+        except BaseException:
+            if self.saved is not None:
+                self.saved.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            if self.saved is not None:
+                self.saved.__exit__(*exc)
 
     def _swap(self, value):
         if isinstance(value, torch.Tensor) and value.is_inference():
@@ -123,6 +248,10 @@ class GuidedPassMode(TorchFunctionMode):
                 and args[0].requires_grad):
             func = torch.add
         inplace = _is_inplace(func)
+        if self.saved is not None:
+            for written in _written(func, args, kwargs, inplace):
+                # an inference tensor is edited through its copy (below), if it has one
+                self.saved.protect(self.copies.get(id(written), written) if written.is_inference() else written)
         if not inplace and torch.is_grad_enabled():
             tensors = list(_tensors(args)) + list(_tensors(list(kwargs.values())))
             if not any(t.requires_grad and not t.is_inference() for t in tensors):
@@ -149,7 +278,9 @@ def _recomputed(forward):
             return forward(x, *args, **kwargs)
 
         def body(x):
-            with GuidedPassMode():  # the recomputation runs in the backward, outside the pass's own mode
+            # the recomputation runs in the backward, outside the pass's own mode; saved tensors in here are
+            # checkpoint's (its hooks are innermost): it recomputes them, they need no protection
+            with GuidedPassMode(protect_saved=False):
                 return forward(x, *args, **kwargs)
         # no dropout in the feed-forward at inference: the RNG state need not be saved and restored
         return checkpoint(body, x, use_reentrant=False, preserve_rng_state=False)
