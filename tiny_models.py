@@ -77,8 +77,11 @@ def _unet_config(family: str) -> dict:
     raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
 
 
-def make_unet_model(family: str = "sd15", seed: int = 0, dtype: torch.dtype = torch.float32) -> comfy.model_base.BaseModel:
-    """The bare ComfyUI model (BaseModel subclass) with seeded random weights, computing in `dtype`."""
+def make_unet_model(family: str = "sd15", seed: int = 0, dtype: torch.dtype = torch.float32,
+                    manual_cast_dtype: torch.dtype | None = None) -> comfy.model_base.BaseModel:
+    """The bare ComfyUI model (BaseModel subclass) with seeded random weights stored in `dtype`, computing in
+    `dtype`, or in `manual_cast_dtype` through ComfyUI's manual-cast ops (as fp8 and fp16 checkpoints on
+    hardware without those dtypes load). The random values are drawn in fp32 and rounded to `dtype`."""
     config = {**_unet_config(family), "dtype": dtype}
     if family == "sd15":
         model_config = comfy.supported_models.SD15(config)
@@ -87,7 +90,7 @@ def make_unet_model(family: str = "sd15", seed: int = 0, dtype: torch.dtype = to
         model_config.unet_config["num_head_channels"] = config["num_head_channels"]  # SD20 forces 64
     else:
         model_config = comfy.supported_models.SDXL(config)
-    model_config.set_inference_dtype(dtype, None)
+    model_config.set_inference_dtype(dtype, manual_cast_dtype)
     if family == "sd15":
         model = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.EPS)
     elif family == "sd2":

@@ -23,6 +23,7 @@ from ..attention_patch.capture import AttentionCapture, TruncatedPass, select_la
 from ..attention_patch.record import AttentionRecord, StepLoss
 from ..subjects import Subjects, chunk_digests, find_chunks
 from . import losses as L
+from .cast_weights import per_call_weights
 from .differentiable import GuidedPassMode, recompute_feedforward
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,8 @@ class GuidanceRun:
         self.denoise_mask = denoise_mask
         config = self.config
         step_size = float(self.step_sizes[step])
-        with torch.inference_mode(False), torch.enable_grad():
+        # per_call_weights spans forwards and backwards: cast layers make their weight again in the backward
+        with torch.inference_mode(False), torch.enable_grad(), per_call_weights(self.inner_model.diffusion_model):
             latent = x.detach().clone().requires_grad_(True)
             total, terms, maps = self.loss(latent, sigma)
             entry = StepLoss(step, float(sigma), {k: v.tolist() for k, v in terms.items()}, total.tolist())

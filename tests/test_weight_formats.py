@@ -1,0 +1,177 @@
+"""The guided pass on every weight format and memory mode (issue 11): weights stored in fp16/bf16/fp8 and cast per
+call, LoRA applied at cast time on a partially loaded model, weights streamed through one reused cast buffer.
+
+The gradient of the first guided step must equal the one of the same weights fully loaded in fp32, and what
+autograd keeps for the backward must not grow with the weights."""
+import comfy.model_management
+import comfy.model_patcher
+import comfy.ops
+import comfy.sample
+import comfy.samplers
+import nodes
+import pytest
+import torch
+from harness import pack_module
+from test_guided_pass import _first_step, _rel, _saved_bytes
+
+tiny = pack_module("tiny_models")
+cast_weights = pack_module("guidance.cast_weights")
+sampler_mod = pack_module("guidance.sampler")
+
+FORMATS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn,
+           "fp8_e5m2": torch.float8_e5m2}
+
+
+def _patcher(unet_model):
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(unet_model, load_device=device,
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def _loaded(family, storage=torch.float32, manual_cast=None, seed=5):
+    """A MODEL as a loader gives it (weights are inference tensors), stored in `storage`."""
+    with torch.inference_mode():
+        return _patcher(tiny.make_unet_model(family, seed, storage, manual_cast))
+
+
+def _reference_of(cast_model, family):
+    """The same weights (the stored, rounded values) fully loaded in fp32: the gradient to equal."""
+    with torch.inference_mode():
+        reference = tiny.make_unet_model(family, 0, torch.float32)
+        state = {k: v.float() for k, v in cast_model.model.diffusion_model.state_dict().items()}
+        reference.diffusion_model.load_state_dict(state)
+        return _patcher(reference)
+
+
+@pytest.fixture(scope="module")
+def fp32_saved(families):
+    return {family: _saved_bytes(_loaded(family), families[family][1], _config())
+            for family in ("sd15", "sdxl")}
+
+
+def _config():
+    return sampler_mod.GuidanceConfig(refinement=(), guidance_end=0.25)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_stored_low_precision_weights_cast_per_call(families, fp32_saved, family, name):
+    """Manual cast (weights stored in fp16/bf16/fp8, computed in fp32): same gradient as the rounded weights
+    in fp32, and the backward keeps no cast copy of them."""
+    clip = families[family][1]
+    model = _loaded(family, FORMATS[name], torch.float32)
+    layers = cast_weights._protocol_modules(model.model.diffusion_model)
+    assert layers and all(m.comfy_cast_weights for m in layers if hasattr(m, "weight"))
+    gradient = _first_step(model, clip, _config())
+    reference = _first_step(_reference_of(model, family), clip, _config())
+    assert reference.abs().max() > 0
+    assert _rel(gradient, reference) < 1e-5
+    saved = _saved_bytes(model, clip, _config())
+    assert saved <= 1.05 * fp32_saved[family], (saved, fp32_saved[family])
+
+
+def _lora_patches(model, seed=7):
+    """A weight-difference patch on every 2-D weight of the attention layers (what a LoRA adds)."""
+    generator = torch.Generator().manual_seed(seed)
+    patches = {}
+    for key, value in model.model_state_dict().items():
+        if ".attn" in key and key.endswith(".weight") and value.ndim == 2:
+            patches[key] = (torch.randn(value.shape, generator=generator) * 0.05,)
+    return patches
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_lora_applied_at_cast_time_on_a_partially_loaded_model(families, fp32_saved, family, monkeypatch):
+    clip = families[family][1]
+    base = _loaded(family)
+    full = base.clone()
+    partial = base.clone()
+    for patcher in (full, partial):
+        assert patcher.add_patches(_lora_patches(base))
+    reference = _first_step(full, clip, _config())
+
+    # load the partial clone with almost no memory budget: every layer casts and patches its weight per call
+    load = comfy.model_patcher.ModelPatcher.load
+
+    def partial_load(self, device_to=None, lowvram_model_memory=0, *args, **kwargs):
+        if self is partial:
+            lowvram_model_memory, kwargs["full_load"] = 1, False
+        return load(self, device_to, lowvram_model_memory, *args, **kwargs)
+    monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "load", partial_load)
+    seen = {}
+    guide = sampler_mod.GuidanceRun.guide
+
+    def spying_guide(self, *args, **kwargs):
+        seen["functions"] = sum(bool(getattr(m, "weight_function", None))
+                                for m in self.inner_model.diffusion_model.modules())
+        return guide(self, *args, **kwargs)
+    monkeypatch.setattr(sampler_mod.GuidanceRun, "guide", spying_guide)
+    gradient = _first_step(partial, clip, _config())
+    assert seen["functions"] == len(_lora_patches(base))  # the set-up is what it claims: patches at cast time
+    assert _rel(gradient, reference) < 1e-5
+    assert _saved_bytes(partial, clip, _config()) <= 1.05 * fp32_saved[family]
+
+
+class _SharedCastBuffer:
+    """Simulated weight streaming: every layer's cast weight is written into one buffer that the next layer
+    overwrites, as ComfyUI's reused cast buffers are (comfy.ops.get_cast_buffer)."""
+
+    def __init__(self, cast):
+        self.cast = cast
+        self.buffer = None
+
+    def __call__(self, module, *args, **kwargs):
+        result = self.cast(module, *args, **kwargs)
+        weight = result[0]
+        with torch.no_grad():
+            if self.buffer is None or self.buffer.numel() < weight.numel() or self.buffer.dtype != weight.dtype:
+                self.buffer = torch.empty(max(weight.numel(), 1 << 20), dtype=weight.dtype, device=weight.device)
+            view = self.buffer[:weight.numel()].view(weight.shape)
+            view.copy_(weight)
+        return (view, *result[1:])
+
+
+def test_streamed_weights_in_a_reused_buffer(families, fp32_saved, monkeypatch):
+    """Fails when the backward reads the weight the forward was handed: by then the buffer holds another
+    layer's weight (a wrong gradient) or autograd's copy of it (memory that grows with the weights)."""
+    family = "sd15"
+    clip = families[family][1]
+    reference = _first_step(_loaded(family), clip, _config())
+    model = _loaded(family)
+    for module in cast_weights._protocol_modules(model.model.diffusion_model):
+        module.comfy_cast_weights = True  # what ComfyUI sets on layers it streams
+    monkeypatch.setattr(comfy.ops, "cast_bias_weight", _SharedCastBuffer(comfy.ops.cast_bias_weight))
+    gradient = _first_step(model, clip, _config())
+    assert _rel(gradient, reference) < 1e-5
+    assert _saved_bytes(model, clip, _config()) <= 1.05 * fp32_saved[family]
+
+
+@pytest.mark.parametrize("name", ["fp16", "fp8_e4m3fn"])
+def test_unguided_sampling_on_cast_weights_equals_ksampler(families, name):
+    clip = families["sd15"][1]
+    model = _loaded("sd15", FORMATS[name], torch.float32)
+    text = "a cat and a frog"
+    positive, subjects = pack_module("nodes.text_encode").AttentionTextEncode.execute(clip, text, "cat, frog").args
+    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+    with torch.inference_mode():
+        plain = nodes.common_ksampler(model, 3, 4, 7.5, "euler", "normal", positive, negative, latent)[0]["samples"]
+        ksampler = pack_module("nodes.sampler").AttentionKSampler
+        out = ksampler.execute(model, 3, 4, 7.5, "euler", "normal", positive, negative, latent, 1.0, subjects, 0, True)
+    assert torch.equal(out.args[0]["samples"], plain)
+    assert out.args[1].maps
+
+
+def test_decision_follows_the_ops_protocol():
+    x = torch.zeros(2, 8)
+    layer = comfy.ops.disable_weight_init.Linear(8, 4)
+    layer.weight = torch.nn.Parameter(torch.zeros(4, 8), requires_grad=False)
+    layer.bias = None
+    assert not cast_weights.weight_made_per_call(layer, x)
+    layer.weight_function = [lambda w: w]
+    assert cast_weights.weight_made_per_call(layer, x)
+    layer.weight_function = []
+    layer.comfy_cast_weights = True
+    assert cast_weights.weight_made_per_call(layer, x)
+    layer.comfy_cast_weights = False
+    assert cast_weights.weight_made_per_call(layer, x.half())  # stored fp32, computed in fp16
