@@ -49,20 +49,21 @@ def pack_module_name() -> str:
 
 
 def boot_host(host: Path, cpu: bool = True, torch_attention: bool = False, log_level: int | None = logging.WARNING,
-              extra_nodes: bool = True) -> str:
+              extra_nodes: bool = True, host_argv: tuple[str, ...] = ()) -> str:
     """Imports ComfyUI from `host` as its main.py does (device settings first, `utils` before `nodes`),
     loads the built-in extra nodes (SamplerCustomAdvanced, ...) and this pack through ComfyUI's own
     `load_custom_node`, and returns the pack's module name. A second call only returns the name.
 
     cpu: ComfyUI's --cpu (set before comfy.model_management is imported). torch_attention: its
-    --use-pytorch-cross-attention (on the CPU its default is the slower sub-quadratic attention)."""
+    --use-pytorch-cross-attention (on the CPU its default is the slower sub-quadratic attention).
+    host_argv: ComfyUI command-line options (e.g. --lowvram, --reserve-vram 20)."""
     name = pack_module_name()
     if name in sys.modules:
         return name
     if str(host) not in sys.path:
         sys.path.insert(0, str(host))
     saved_argv = sys.argv
-    sys.argv = [sys.argv[0]]  # ComfyUI parses the command line at import: give it none of ours
+    sys.argv = [sys.argv[0], *host_argv]  # ComfyUI parses the command line at import: give it none of ours
     try:
         from comfy.cli_args import args
     finally:

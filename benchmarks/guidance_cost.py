@@ -65,6 +65,8 @@ FULL_CONFIGS = {
              "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64, "num_heads": -1},
 }
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# storage formats of the weights (--weight-format); computed in --dtype through ComfyUI's manual cast
+WEIGHT_FORMATS = {**DTYPES, "fp8_e4m3fn": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
 
 # ================================================================ worker (one model, fresh process)
@@ -130,7 +132,7 @@ class PeakMemory:
         return float(self._status("VmHWM") - before)
 
 
-def build_model(name: str, device: str, dtype_name: str, weights: str):
+def build_model(name: str, device: str, dtype_name: str, weights: str, weight_format: str | None = None):
     """(MODEL, positive, negative, subjects) for one model spec; full models get random conds.
 
     weights 'inference': the UNet is built inside torch.inference_mode, as ComfyUI's checkpoint loaders
@@ -142,10 +144,10 @@ def build_model(name: str, device: str, dtype_name: str, weights: str):
     import torch
     building = torch.inference_mode if weights == "inference" else contextlib.nullcontext
     with building():
-        return _build_model(name, dtype_name)
+        return _build_model(name, dtype_name, weight_format or dtype_name)
 
 
-def _build_model(name: str, dtype_name: str):
+def _build_model(name: str, dtype_name: str, weight_format: str):
     import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
@@ -156,22 +158,25 @@ def _build_model(name: str, dtype_name: str):
     tiny = pack_module("tiny_models")
     family = name.removeprefix("tiny-")
     clip = tiny.make_clip(family)
+    dtype = getattr(torch, DTYPES[dtype_name])
+    storage = getattr(torch, WEIGHT_FORMATS[weight_format])
+    manual_cast = dtype if storage != dtype else None
     if name.startswith("tiny-"):
-        model = tiny.make_model(family)
+        model = comfy.model_patcher.ModelPatcher(tiny.make_unet_model(family, 0, storage, manual_cast),
+                                                 load_device=comfy.model_management.get_torch_device(),
+                                                 offload_device=comfy.model_management.unet_offload_device())
         positive, subjects = pack_module("nodes.text_encode").AttentionTextEncode.execute(clip, PROMPT, SUBJECTS).args
         negative = nodes.CLIPTextEncode().encode(clip, "")[0]
         return model, positive, negative, subjects
-    dtype = getattr(torch, DTYPES[dtype_name])
-    config = dict(FULL_CONFIGS[family])
+    config = dict(FULL_CONFIGS[family], dtype=storage)
+    model_config = comfy.supported_models.SD15(config) if family == "sd15" else comfy.supported_models.SDXL(config)
+    model_config.set_inference_dtype(storage, manual_cast)  # before the model: it picks its ops from these
     if family == "sd15":
-        model_config = comfy.supported_models.SD15(config)
         base = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.EPS)
     else:
-        model_config = comfy.supported_models.SDXL(config)
         base = comfy.model_base.SDXL(model_config, model_type=comfy.model_base.ModelType.EPS)
-    model_config.set_inference_dtype(dtype, None)
     tiny._init_weights_(base.diffusion_model, seed=0)  # randn / sqrt(fan_in): small, well-scaled activations
-    base.diffusion_model.to(dtype)
+    base.diffusion_model.to(storage)
     model = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
                                              offload_device=comfy.model_management.unet_offload_device())
     subjects = pack_module("subjects").resolve_subjects(clip.tokenizer, PROMPT, SUBJECTS)
@@ -203,6 +208,65 @@ class _Probe:
                 return latent_image
 
         return Probe()
+
+
+def first_guided_gradient(model, positive, negative, subjects, args):
+    """dL/dx of the first guided step (A&E loss) as the guided sampler computes it, through ComfyUI's sampling
+    set-up (so the model is loaded as the host decides: fully, or partially with --lowvram)."""
+    import comfy.sample
+    import comfy.samplers
+    import torch
+    sampler_module = pack_module("guidance.sampler")
+    grads = []
+
+    def update(self, x, total, sigma, step_size, active=None):
+        grads.append(torch.autograd.grad(total.sum(), [x], retain_graph=True)[0].double().cpu())
+        return original(self, x, total, sigma, step_size, active)
+
+    original = sampler_module.GuidanceRun.update
+    latent = torch.zeros(1, 4, args.latent, args.latent)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    config = sampler_module.GuidanceConfig(refinement=(), guidance_end=1.0)  # the one step given
+    sampler = sampler_module.AttentionSampler(comfy.samplers.sampler_object("euler"), subjects, config,
+                                              record_maps=False)
+    sigmas = comfy.samplers.KSampler(model, steps=50, device=model.load_device, sampler="euler", scheduler="normal",
+                                     denoise=1.0, model_options=model.model_options).sigmas[:2]
+    sampler_module.GuidanceRun.update = update
+    try:
+        with torch.inference_mode():
+            comfy.sample.sample_custom(model, noise, 7.5, sampler, sigmas, positive, negative, latent,
+                                       disable_pbar=True, seed=0)
+    finally:
+        sampler_module.GuidanceRun.update = original
+    return grads[0]
+
+
+def measure_format_gradient(model, positive, negative, subjects, args, results: dict) -> None:
+    """The gradient on weights stored in --weight-format against the same (rounded) weights stored in the compute
+    dtype and fully loaded: what casting, partial loading and streaming must not change."""
+    import contextlib
+
+    import comfy.model_management
+    import comfy.model_patcher
+    import torch
+    gradient = first_guided_gradient(model, positive, negative, subjects, args)
+    dtype = getattr(torch, DTYPES[args.dtype])
+    with torch.inference_mode():
+        twin, *_ = _build_model(args.worker, args.dtype, args.dtype)
+        state = {k: v.to(dtype) for k, v in model.model.diffusion_model.state_dict().items()}
+        twin.model.diffusion_model.load_state_dict(state)
+    # the twin fully loaded even under --lowvram: that is the gradient to equal
+    normal = getattr(comfy.model_management.VRAMState, "NORMAL_VRAM", None)
+    saved_state = comfy.model_management.vram_state
+    with contextlib.ExitStack() as stack:
+        if normal is not None and saved_state in (comfy.model_management.VRAMState.LOW_VRAM,
+                                                  comfy.model_management.VRAMState.NO_VRAM):
+            comfy.model_management.vram_state = normal
+            stack.callback(setattr, comfy.model_management, "vram_state", saved_state)
+        reference = first_guided_gradient(twin, positive, negative, subjects, args)
+    results["format_grad_rel_err"] = float((gradient - reference).norm() / reference.norm())
+    results["partially_loaded"] = any(getattr(m, "comfy_cast_weights", False) and not m.__class__.__module__.endswith(
+        "manual_cast") for m in model.model.diffusion_model.modules())
 
 
 def measure_steps(model, positive, negative, subjects, args, results: dict) -> None:
@@ -259,7 +323,9 @@ def measure_steps(model, positive, negative, subjects, args, results: dict) -> N
         results["seconds_all"] = times
 
         grads = {}
-        with torch.inference_mode(False), torch.enable_grad():
+        cast_weights = pack_module("guidance.cast_weights")
+        with torch.inference_mode(False), torch.enable_grad(), cast_weights.per_call_weights(
+                model_wrap.inner_model.diffusion_model):
             for name, run in runs.items():
                 latent = x.detach().clone().requires_grad_(True)
                 total, _terms, _maps = run.loss(latent, sigma)
@@ -364,7 +430,7 @@ def measure_reference(model, subjects, args, results: dict) -> None:
 
 
 def worker(args) -> int:
-    boot_host(args.device)
+    boot_host(args.device, args.host_args.split())
     import comfy.utils
     import torch
     comfy.utils.PROGRESS_BAR_ENABLED = False
@@ -372,7 +438,10 @@ def worker(args) -> int:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     results: dict = {"model": args.worker, "threads": torch.get_num_threads(), "torch": torch.__version__}
-    model, positive, negative, subjects = build_model(args.worker, args.device, args.dtype, args.weights)
+    model, positive, negative, subjects = build_model(args.worker, args.device, args.dtype, args.weights,
+                                                      args.weight_format)
+    results["weight_format"] = args.weight_format
+    results["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.model.diffusion_model.parameters())
     results["weights_are_inference_tensors"] = next(model.model.diffusion_model.parameters()).is_inference()
     results["parameters"] = sum(p.numel() for p in model.model.diffusion_model.parameters())
     results["build_seconds"] = time.perf_counter() - started
@@ -384,6 +453,9 @@ def worker(args) -> int:
     if args.measure == "memory":
         print("RESULT " + json.dumps(results), flush=True)
         return 0
+    if args.weight_format != args.dtype or args.host_args:
+        measure_format_gradient(model, positive, negative, subjects, args, results)
+        log("weight-format gradient measured")
     if args.parity_reps > 0:
         measure_parity(model, positive, negative, subjects, args, results)
         log("parity measured")
@@ -400,12 +472,14 @@ def worker(args) -> int:
 
 # ================================================================ driver
 
-def run_worker(name: str, args, reps: int, parity_reps: int, parity_steps: int, measure: str) -> dict:
-    """One model in a fresh process: times (and parity, reference, gradient check) or memory."""
+def run_worker(name: str, args, reps: int, parity_reps: int, parity_steps: int, measure: str,
+               weight_format: str) -> dict:
+    """One model in a fresh process: times (and parity, reference, gradient checks) or memory."""
     latent = args.tiny_latent if name.startswith("tiny-") else args.latent
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--measure", measure,
                "--device", args.device, "--dtype", args.dtype, "--latent", str(latent), "--weights", args.weights,
-               "--reps", str(reps), "--parity-reps", str(parity_reps), "--parity-steps", str(parity_steps)]
+               "--reps", str(reps), "--parity-reps", str(parity_reps), "--parity-steps", str(parity_steps),
+               "--weight-format", weight_format, f"--host-args={args.host_args}"]
     if not args.reference:
         command.append("--no-reference")
     if args.threads:
@@ -502,6 +576,41 @@ def report(all_results: list[dict], args) -> str:
     return "\n".join(lines)
 
 
+def format_report(all_results: list[dict], args) -> str:
+    """Per weight format: guided-pass peak memory against the weights and the --dtype run, time per guided step,
+    and the gradient against the same weights in --dtype fully loaded."""
+    lines = [f"weight formats (computed in {args.dtype}{', ComfyUI ' + args.host_args if args.host_args else ''}): "
+             "peak = guided-pass peak extra memory (default pass); time = s per guided step",
+             f"{'model':<10} {'format':<11} {'weights MiB':>11} {'peak MiB':>9} {'peak/weights':>12} "
+             f"{'peak/base':>9} {'time':>8} {'time/base':>9} {'ovh':>5}  grad rel err vs {args.dtype} fully loaded",
+             "(ovh = guided step / plain step of the same format: what the guidance adds there)"]
+    checks = []
+    for r in all_results:
+        base = next(b for b in all_results if b["model"] == r["model"] and b["weight_format"] == args.dtype)
+        peak = max(r["peak_bytes"]["guide"], r["peak_bytes_repeat"]["guide"])
+        base_peak = max(base["peak_bytes"]["guide"], base["peak_bytes_repeat"]["guide"])
+        weights = r.get("weight_bytes") or base.get("weight_bytes") or float("nan")
+        time_ratio = r["seconds"]["guide"] / base["seconds"]["guide"]
+        error = r.get("format_grad_rel_err")
+        lines.append(f"{r['model']:<10} {r['weight_format']:<11} {mib(r.get('weight_bytes')):>11} {mib(peak):>9} "
+                     f"{peak / weights:>12.2f} {peak / base_peak:>9.2f} {r['seconds']['guide']:>8.3f} "
+                     f"{time_ratio:>9.2f} {r['seconds']['guide'] / r['seconds']['plain']:>5.2f}  "
+                     f"{'n/a (baseline)' if error is None else f'{error:.1e}'}")
+        if r is base and not args.host_args:
+            continue
+        if r is not base:
+            checks.append((f"{r['model']} {r['weight_format']}: guided-pass extra memory <= 1.05x the {args.dtype} "
+                           "run's", peak / base_peak <= 1.05, f"{peak / base_peak:.2f}"))
+            checks.append((f"{r['model']} {r['weight_format']}: time per guided step <= 1.3x the {args.dtype} run's",
+                           time_ratio <= 1.3, f"{time_ratio:.2f}"))
+        if error is not None:
+            checks.append((f"{r['model']} {r['weight_format']}: gradient equals the fully loaded {args.dtype} one "
+                           "(rel err <= 1e-4)", error <= 1e-4, f"{error:.1e}"))
+    lines += ["", "weight-format targets:"]
+    lines += [f"  {'PASS' if ok else 'FAIL'}  {what}: {detail}" for what, ok, detail in checks]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -520,6 +629,13 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", choices=("inference", "normal"), default="inference",
                         help="build the UNets inside torch.inference_mode as ComfyUI's loaders do (parameters are "
                              "inference tensors; default), or outside (ordinary tensors)")
+    parser.add_argument("--weight-format", default=None,
+                        help=f"comma separated storage formats of the UNet weights, from {', '.join(WEIGHT_FORMATS)} "
+                             "(default: --dtype); computed in --dtype through ComfyUI's manual cast. Formats other "
+                             "than --dtype are reported against --dtype's run")
+    parser.add_argument("--host-args", default="",
+                        help="ComfyUI options for the workers, e.g. '--lowvram' or '--reserve-vram 100' (layers "
+                             "stream; the gradient is then checked against the fully loaded one)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--save", type=Path, help="also write the report to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -530,8 +646,15 @@ def main(argv=None) -> int:
     for side in (args.latent, args.tiny_latent):
         if side % 8:
             parser.error(f"latent side {side} must be a multiple of 8 (the 1/4-latent maps, SDXL's 2 downsamplings)")
+    formats = (args.weight_format or args.dtype).split(",")
+    unknown = [f for f in formats if f not in WEIGHT_FORMATS]
+    if unknown:
+        parser.error(f"unknown weight formats {unknown}; valid: {', '.join(WEIGHT_FORMATS)}")
     if args.worker:
+        args.weight_format = formats[0]
         return worker(args)
+    if formats != [args.dtype] and args.dtype not in formats:
+        formats.insert(0, args.dtype)  # the baseline the other formats are compared with
 
     models = ["tiny-sd15", "tiny-sdxl"] if args.quick else args.models.split(",")
     unknown = [m for m in models if m not in MODELS]
@@ -546,12 +669,16 @@ def main(argv=None) -> int:
         else:
             reps = args.sdxl_reps if name == "sdxl" else args.full_reps
             parity_reps, steps = reps, args.parity_steps or 2
-        print(f"{name}: {reps} reps ...", file=sys.stderr, flush=True)
-        result = run_worker(name, args, reps, parity_reps, steps, "time")
-        result.update(run_worker(name, args, reps, 0, steps, "memory"))
-        result["parity_steps"] = steps
-        all_results.append(result)
-    emit(report(all_results, args) + f"\n\ntotal wall time {time.perf_counter() - started:.0f} s", args.save)
+        for weight_format in formats:
+            print(f"{name} ({weight_format}): {reps} reps ...", file=sys.stderr, flush=True)
+            result = run_worker(name, args, reps, parity_reps, steps, "time", weight_format)
+            result.update(run_worker(name, args, reps, 0, steps, "memory", weight_format))
+            result["parity_steps"] = steps
+            all_results.append(result)
+    text = report([r for r in all_results if r["weight_format"] == args.dtype] or all_results, args)
+    if len(formats) > 1 or args.host_args:
+        text += "\n\n" + format_report(all_results, args)
+    emit(text + f"\n\ntotal wall time {time.perf_counter() - started:.0f} s", args.save)
     return 0
 
 

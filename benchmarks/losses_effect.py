@@ -69,12 +69,12 @@ def find_host() -> Path:
         sys.exit(str(error))
 
 
-def boot_host(device: str = "cpu"):
+def boot_host(device: str = "cpu", host_argv: tuple[str, ...] = ()):
     """Imports the real ComfyUI host and loads the pack as ComfyUI loads custom nodes."""
     global _PACK_MODULE
     if _PACK_MODULE is not None:
         return
-    _PACK_MODULE = _host.boot_host(find_host(), cpu=device == "cpu")
+    _PACK_MODULE = _host.boot_host(find_host(), cpu=device == "cpu", host_argv=tuple(host_argv))
     import comfy.model_management
     if device != "cpu" and comfy.model_management.get_torch_device().type != device:
         sys.exit(f"--device {device}: ComfyUI's device is {comfy.model_management.get_torch_device()}")

@@ -21,9 +21,9 @@ TEXT = "a cat and a frog"
 CONFIG = GuidanceConfig(refinement=(), guidance_end=0.25)
 
 
-def _first_step(model, clip, config=CONFIG, spy=None):
-    """(dL/dx of the first guided step, what `spy` saw) through the pack's guided sampler, run inside
-    inference_mode as ComfyUI's executor runs it."""
+def _first_step(model, clip, config=CONFIG, spy=None, conds=None):
+    """dL/dx of the first guided step through the pack's guided sampler, run inside inference_mode as
+    ComfyUI's executor runs it. conds: (positive, negative), default the encoded TEXT and an empty negative."""
     grads = []
     original = sampler_mod.GuidanceRun.update
 
@@ -32,8 +32,11 @@ def _first_step(model, clip, config=CONFIG, spy=None):
             grads.append(torch.autograd.grad(total.sum(), [x], retain_graph=True)[0])
         return original(self, x, total, sigma, step_size, active)
 
-    positive = clip.encode_from_tokens_scheduled(clip.tokenize(TEXT))
-    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    if conds is None:
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize(TEXT))
+        negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    else:
+        positive, negative = conds
     subjects = subjects_mod.resolve_subjects(clip.tokenizer, TEXT, "cat, frog")
     sampler = sampler_mod.AttentionSampler(comfy.samplers.sampler_object("euler"), subjects, config)
     sigmas = comfy.samplers.KSampler(model, steps=4, device=model.load_device, sampler="euler", scheduler="normal",

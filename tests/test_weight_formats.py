@@ -175,3 +175,39 @@ def test_decision_follows_the_ops_protocol():
     assert cast_weights.weight_made_per_call(layer, x)
     layer.comfy_cast_weights = False
     assert cast_weights.weight_made_per_call(layer, x.half())  # stored fp32, computed in fp16
+
+
+def _composed(model, clip, control, hint):
+    """model + FreeU_V2 + PAG + an IPAdapter-style attn2 replace (changes the output), conds + ControlNet."""
+    import comfy_extras.nodes_freelunch as freelunch
+    import comfy_extras.nodes_pag as pag
+    model = freelunch.FreeU_V2.execute(model, b1=1.3, b2=1.4, s1=0.9, s2=0.2).args[0]
+    model = pag.PerturbedAttentionGuidance.execute(model, scale=2.0).args[0]
+
+    def replace(q, k, v, extra_options):
+        import comfy.ldm.modules.attention as attention
+        return attention.optimized_attention(q, k, v * 1.1, extra_options["n_heads"])
+    model = model.clone()
+    model.set_model_attn2_replace(replace, "middle", 0, 0)
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize("a cat and a frog"))
+    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control, hint,
+                                                                        1.0, 0.0, 1.0)[:2]
+    return model, (positive, negative)
+
+
+def test_compositions_on_a_cast_model(families):
+    """ControlNet, FreeU_V2, PAG and an IPAdapter-style replace on an fp8 model: the gradient equals the one
+    of the same composition on the fp32 weights."""
+    clip = families["sd15"][1]
+    control = tiny.make_controlnet()
+    hint = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(0))
+    cast = _loaded("sd15", torch.float8_e4m3fn, torch.float32)
+    with torch.inference_mode():
+        composed, conds = _composed(cast, clip, control, hint)
+        reference_model, reference_conds = _composed(_reference_of(cast, "sd15"), clip, control, hint)
+    gradient = _first_step(composed, clip, _config(), conds=conds)
+    reference = _first_step(reference_model, clip, _config(), conds=reference_conds)
+    plain = _first_step(_reference_of(cast, "sd15"), clip, _config())
+    assert _rel(reference, plain) > 1e-3  # the composition changes the gradient
+    assert _rel(gradient, reference) < 1e-5
