@@ -254,6 +254,8 @@ class GuidedPassMode(TorchFunctionMode):
                 self.saved.protect(self.copies.get(id(written), written) if written.is_inference() else written)
         if not inplace and torch.is_grad_enabled():
             tensors = list(_tensors(args)) + list(_tensors(list(kwargs.values())))
+            if not tensors:  # grad-mode switches (no_grad's own enter/exit) and factories: as they are
+                return func(*args, **kwargs)
             if not any(t.requires_grad and not t.is_inference() for t in tensors):
                 # not on the latent's path (that is all tensors of this pass, never inference tensors): nothing
                 # to record. Some hosts' inference-tensor weights have requires_grad set; no_grad keeps

@@ -33,6 +33,14 @@ PACK_MODULE = _host.boot_host(HOST, cpu=True, log_level=None)
 PACK = sys.modules[PACK_MODULE]
 
 
+def run_node(node_class, **inputs):
+    """The outputs of one of ComfyUI's nodes, called as the executor calls it, whether the host defines it as a
+    V3 node (classmethod execute) or a V1 node (FUNCTION): nodes moved between the two across host versions."""
+    if hasattr(node_class, "execute") and not hasattr(node_class, "FUNCTION"):
+        return tuple(node_class.execute(**inputs).args)
+    return tuple(getattr(node_class(), node_class.FUNCTION)(**inputs))
+
+
 def pack_module(name: str):
     """A submodule of the pack as ComfyUI loaded it, e.g. pack_module('guidance.losses')."""
     return importlib.import_module(f"{PACK_MODULE}.{name}")

@@ -21,7 +21,7 @@ import nodes
 import pytest
 import torch
 from comfy_extras import nodes_freelunch
-from harness import pack_module
+from harness import pack_module, run_node
 
 sampler_mod = pack_module("guidance.sampler")
 differentiable = pack_module("guidance.differentiable")
@@ -43,11 +43,11 @@ def sd15_float64():
 
 
 def freeu_v2(model):
-    return nodes_freelunch.FreeU_V2.execute(model, b1=1.3, b2=1.4, s1=0.9, s2=0.2).args[0]  # the node's defaults
+    return run_node(nodes_freelunch.FreeU_V2, model=model, b1=1.3, b2=1.4, s1=0.9, s2=0.2)[0]  # the node's defaults
 
 
 def freeu(model):
-    return nodes_freelunch.FreeU.execute(model, b1=1.1, b2=1.2, s1=0.9, s2=0.2).args[0]
+    return run_node(nodes_freelunch.FreeU, model=model, b1=1.1, b2=1.2, s1=0.9, s2=0.2)[0]
 
 
 def inplace_edits(model):
@@ -227,3 +227,15 @@ def test_without_inplace_edits_nothing_is_copied(sd15, copies, monkeypatch):
           f"{freeu_copied} copied")
     assert protected == unprotected
     assert 0 < freeu_copied < 0.1 * with_freeu
+
+
+def test_no_grad_blocks_inside_the_guided_pass_stay_no_grad():
+    """Code the guided pass runs (ControlNet under no_grad, patches) keeps its no_grad blocks: the mode must not
+    undo the grad-mode switch itself."""
+    x = torch.zeros(3, requires_grad=True)
+    with torch.enable_grad(), differentiable.GuidedPassMode():
+        with torch.no_grad():
+            inside = torch.is_grad_enabled()
+            product = x * 2
+        after = torch.is_grad_enabled()
+    assert (inside, after, product.requires_grad) == (False, True, False)

@@ -11,7 +11,7 @@ import comfy.samplers
 import nodes
 import pytest
 import torch
-from harness import pack_module
+from harness import pack_module, run_node
 from test_guided_pass import _first_step, _rel, _saved_bytes
 
 tiny = pack_module("tiny_models")
@@ -181,8 +181,8 @@ def _composed(model, clip, control, hint):
     """model + FreeU_V2 + PAG + an IPAdapter-style attn2 replace (changes the output), conds + ControlNet."""
     import comfy_extras.nodes_freelunch as freelunch
     import comfy_extras.nodes_pag as pag
-    model = freelunch.FreeU_V2.execute(model, b1=1.3, b2=1.4, s1=0.9, s2=0.2).args[0]
-    model = pag.PerturbedAttentionGuidance.execute(model, scale=2.0).args[0]
+    model = run_node(freelunch.FreeU_V2, model=model, b1=1.3, b2=1.4, s1=0.9, s2=0.2)[0]
+    model = run_node(pag.PerturbedAttentionGuidance, model=model, scale=2.0)[0]
 
     def replace(q, k, v, extra_options):
         import comfy.ldm.modules.attention as attention
