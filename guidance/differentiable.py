@@ -3,11 +3,11 @@
 ComfyUI runs prompts under `torch.inference_mode`, so loaded weights are inference tensors, which autograd
 cannot save for backward. `GuidedPassMode` makes one guided pass differentiable anyway:
 
-- linear and conv2d layers whose weight is an inference tensor run as `frozen_weight_linear` /
-  `frozen_weight_conv2d`: autograd functions whose backward gives the input's gradient only, so they hold a
-  reference to the weight and save nothing (no copy of the weights, which would double the pass's memory);
+- linear, conv2d, group_norm and layer_norm calls whose weight is an inference tensor run as `frozen_weight_*`
+  autograd functions whose backward gives the input's gradient only, so they hold a reference to the weight
+  and save no copy of it (a copy of the weights would double the pass's memory);
 - any other op that autograd records gets non-inference copies of its inference-tensor inputs, made on
-  first use and dropped with the pass (norm weights and the like: small);
+  first use and dropped with the pass (none of the model's weights in ComfyUI's UNet);
 - ControlNet residuals of this pass are added out of place (see `GuidedPassMode`);
 - other in-place edits (model patches such as FreeU's `h[:, :n] = h[:, :n] * s`) run in place as the host
   wrote them, and the tensors autograd saved that they would overwrite are copied just before the edit
@@ -75,7 +75,43 @@ def frozen_weight_conv2d(args, kwargs):
     return _FrozenWeightConv2d.apply(x, weight, bias, stride, padding, dilation, groups)
 
 
-_FROZEN = {F.linear: frozen_weight_linear, F.conv2d: frozen_weight_conv2d}
+class _FrozenAffineNorm(torch.autograd.Function):
+    """group_norm / layer_norm with affine weight and bias referenced, not saved: the backward recomputes the
+    unaffine normalisation from the saved input and feeds it dL/dy * weight (the affine's input gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, norm, weight, bias, shape):
+        ctx.norm, ctx.weight, ctx.shape = norm, weight, shape
+        ctx.save_for_backward(x)
+        return norm(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        scaled = grad if ctx.weight is None else grad * ctx.weight.reshape(ctx.shape)
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            normalised = ctx.norm(x, None, None)
+        return torch.autograd.grad(normalised, [x], scaled)[0], None, None, None, None
+
+
+def frozen_weight_group_norm(args, kwargs):
+    x, groups, weight, bias, eps = _bound(("input", "num_groups", "weight", "bias", "eps"), args, kwargs,
+                                          {"eps": 1e-5})
+    shape = (1, -1) + (1,) * (x.ndim - 2)  # per channel
+    return _FrozenAffineNorm.apply(x, lambda t, w, b: F.group_norm(t, groups, w, b, eps), weight, bias, shape)
+
+
+def frozen_weight_layer_norm(args, kwargs):
+    x, normalized_shape, weight, bias, eps = _bound(("input", "normalized_shape", "weight", "bias", "eps"), args,
+                                                    kwargs, {"eps": 1e-5})
+    shape = tuple(weight.shape) if weight is not None else None  # over the last dims, broadcast
+    return _FrozenAffineNorm.apply(x, lambda t, w, b: F.layer_norm(t, normalized_shape, w, b, eps), weight, bias,
+                                   shape)
+
+
+_FROZEN = {F.linear: frozen_weight_linear, F.conv2d: frozen_weight_conv2d, F.group_norm: frozen_weight_group_norm,
+           F.layer_norm: frozen_weight_layer_norm}
 
 
 def _tensors(value):
