@@ -211,3 +211,53 @@ def test_compositions_on_a_cast_model(families):
     plain = _first_step(_reference_of(cast, "sd15"), clip, _config())
     assert _rel(reference, plain) > 1e-3  # the composition changes the gradient
     assert _rel(gradient, reference) < 1e-5
+
+
+class _Int8Linear(comfy.ops.disable_weight_init.Linear):
+    """A third-party layer on ComfyUI's ops protocol that makes its weight in its own forward (as dequantizing
+    packs do): int8 values and a per-row scale, dequantized per call."""
+    comfy_cast_weights = True
+
+    def forward_comfy_cast_weights(self, input):
+        weight = self.weight.to(input.dtype) * self.scale.to(input.dtype)
+        bias = self.bias.to(input.dtype) if self.bias is not None else None
+        return torch.nn.functional.linear(input, weight, bias)
+
+    @classmethod
+    def quantized(cls, linear):
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        scale = linear.weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
+        layer.weight = torch.nn.Parameter((linear.weight / scale).round().to(torch.int8), requires_grad=False)
+        layer.register_buffer("scale", scale.float())
+        layer.bias = linear.bias
+        return layer
+
+
+def test_third_party_layer_that_makes_its_weight_per_call(families, fp32_saved):
+    """Not known by name: covered through the protocol (comfy_cast_weights, a stored weight of another type)."""
+    clip = families["sd15"][1]
+    with torch.inference_mode():
+        quantized = tiny.make_unet_model("sd15", 5)
+        replaced = 0
+        for module in list(quantized.diffusion_model.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, torch.nn.Linear) and name in ("to_q", "to_k", "to_v", "proj"):
+                    setattr(module, name, _Int8Linear.quantized(child))
+                    replaced += 1
+        reference = tiny.make_unet_model("sd15", 0)
+        state = {}
+        for key, value in quantized.diffusion_model.state_dict().items():
+            if key.endswith(".scale"):
+                continue
+            scale = quantized.diffusion_model.state_dict().get(key.removesuffix(".weight") + ".scale")
+            state[key] = value.float() * scale if scale is not None and key.endswith(".weight") else value.float()
+        reference.diffusion_model.load_state_dict(state)
+    assert replaced >= 10
+    gradient = _first_step(_patcher(quantized), clip, _config())
+    expected = _first_step(_patcher(reference), clip, _config())
+    assert _rel(gradient, expected) < 1e-5
+    # what autograd keeps is what it keeps for the same model with stored fp32 weights: no dequantized weight
+    extra = _saved_bytes(_patcher(quantized), clip, _config()) - _saved_bytes(_patcher(reference), clip, _config())
+    dequantized = sum(m.weight.numel() * 4 for m in quantized.diffusion_model.modules() if isinstance(m, _Int8Linear))
+    print(f"saved beyond the fp32 model's: {extra} bytes; dequantized weights: {dequantized} bytes")
+    assert extra < 0.02 * dequantized
