@@ -22,6 +22,9 @@ class Subject:
     label: str
     token_positions: tuple[int, ...]  # global positions (chunk * chunk_length + position in chunk)
     chunk: int
+    # the words that describe it ("red car": noun "car", attribute "red"), each with its own positions; the
+    # neglect losses read the noun, the binding losses the pairs
+    attributes: tuple["Subject", ...] = ()
 
     def positions_in_chunk(self, chunk_length: int) -> tuple[int, ...]:
         return tuple(p - self.chunk * chunk_length for p in self.token_positions)
@@ -42,6 +45,18 @@ class Subjects:
     @property
     def labels(self) -> list[str]:
         return [s.label for s in self.subjects]
+
+    @property
+    def attributes(self) -> list[tuple[int, Subject]]:
+        """(index of its noun in `subjects`, attribute) for every attribute, in order."""
+        return [(index, attribute) for index, subject in enumerate(self.subjects) for attribute in subject.attributes]
+
+    def other_positions(self) -> list[int]:
+        """The prompt's content token positions that are neither a subject's nor an attribute's."""
+        used = {p for s in self.subjects for p in s.token_positions}
+        used |= {p for _i, a in self.attributes for p in a.token_positions}
+        return [chunk * self.chunk_length + position for chunk, end in enumerate(self.end_positions)
+                for position in range(1, end) if chunk * self.chunk_length + position not in used]
 
     @property
     def num_tokens(self) -> int:
@@ -153,7 +168,9 @@ def resolve_subjects(tokenizer, text: str, spec: str) -> Subjects:
     """Turns the user's `subjects` (words or token indices) into token positions of `text`.
 
     A word matches the first place where its tokens appear in the prompt (all word pieces); an
-    index is a global token position (chunk * 77 + position, 0 being the start token).
+    index is a global token position (chunk * 77 + position, 0 being the start token). An entry of several
+    words is a subject group: its last word is the noun, the words before it its attributes ("red car"),
+    found where the phrase appears as written, else each at its own first occurrence.
     """
     prompt = tokenize_prompt(tokenizer, text)
     chunk_length = len(prompt.chunks[0])
@@ -181,14 +198,37 @@ def resolve_subjects(tokenizer, text: str, spec: str) -> Subjects:
                                    f"indices are {_valid_ranges(end_positions, chunk_length)} (prompt words: {words_hint})")
             subjects.append(Subject(prompt.words[chunk][in_chunk], (position,), chunk))
             continue
-        needle = _content_tokens(tokenizer, entry)
-        if not needle:
+        words = entry.split()
+
+        def find(phrase):
+            needle = _content_tokens(tokenizer, phrase)
+            return _find(flat, needle, chunk_length, end_positions, _sd_tokenizer(tokenizer)) if needle else None
+        if not _content_tokens(tokenizer, entry):
             raise SubjectError(f"subject {entry!r} has no tokens")
-        positions = _find(flat, needle, chunk_length, end_positions, _sd_tokenizer(tokenizer))
-        if positions is None:
-            raise SubjectError(f"subject {entry!r} is not in the prompt (as whole tokens, e.g. 'cat' does not "
-                               f"match 'cats'); the prompt's words are: {words_hint}")
-        subjects.append(Subject(entry, tuple(positions), positions[0] // chunk_length))
+        noun = words[-1]
+        whole = find(entry)
+        if whole is not None:  # the phrase as written: its last word's tokens are the noun's
+            noun_count = len(_content_tokens(tokenizer, noun))
+            noun_positions = whole[len(whole) - noun_count:] if len(words) > 1 else whole
+        else:
+            noun_positions = find(noun)
+            if noun_positions is None:
+                what = f"subject {entry!r}" if len(words) == 1 else \
+                    f"subject {entry!r}: its noun {noun!r} (the entry's last word)"
+                raise SubjectError(f"{what} is not in the prompt (as whole tokens, e.g. 'cat' does not match "
+                                   f"'cats'); the prompt's words are: {words_hint}")
+        attributes = []
+        for index, word in enumerate(words[:-1]):
+            if whole is not None:
+                start = sum(len(_content_tokens(tokenizer, w)) for w in words[:index])
+                positions = whole[start:start + len(_content_tokens(tokenizer, word))]
+            else:
+                positions = find(word)
+                if positions is None:
+                    raise SubjectError(f"subject {entry!r}: its attribute {word!r} is not in the prompt; the "
+                                       f"prompt's words are: {words_hint}")
+            attributes.append(Subject(word, tuple(positions), positions[0] // chunk_length))
+        subjects.append(Subject(entry, tuple(noun_positions), noun_positions[0] // chunk_length, tuple(attributes)))
     return Subjects(tuple(subjects), text, chunk_length, tuple(end_positions), prompt.words)
 
 

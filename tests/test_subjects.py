@@ -28,9 +28,32 @@ def test_multi_piece_and_multi_word_subjects(tokenizers):
     pieces = sd_tok.tokenizer("hedgehog")["input_ids"][1:-1]
     resolved = resolve(tok, "a red car next to a hedgehog", "red car, hedgehog")
     red_car, hedgehog = resolved.subjects
-    assert red_car.token_positions == (2, 3)
-    assert len(hedgehog.token_positions) == len(pieces)
+    # a multi-word entry is a subject group: the last word is the noun, the words before it its attributes
+    assert red_car.label == "red car" and red_car.token_positions == (3,)
+    assert [(a.label, a.token_positions) for a in red_car.attributes] == [("red", (2,))]
+    assert len(hedgehog.token_positions) == len(pieces) and hedgehog.attributes == ()
     assert hedgehog.token_positions[0] == 7
+    assert resolved.attributes == [(0, red_car.attributes[0])]
+    assert resolved.other_positions() == [1, 4, 5, 6]  # a, next, to, a
+
+
+def test_subject_groups(tokenizers):
+    tok = tokenizers["sd15"]
+    two = resolve(tok, "a red car and a blue bench", "red car, blue bench")
+    assert [(s.token_positions, [a.token_positions for a in s.attributes]) for s in two.subjects] == \
+        [((3,), [(2,)]), ((7,), [(6,)])]
+    # the phrase as written wins over an earlier lone word; otherwise each word's first occurrence
+    repeated = resolve(tok, "a blue sky over a big blue bench", "big blue bench")
+    assert repeated.subjects[0].token_positions == (8,)
+    assert [a.token_positions for a in repeated.subjects[0].attributes] == [(6,), (7,)]
+    apart = resolve(tok, "a red shiny car", "red car")
+    assert apart.subjects[0].token_positions == (4,) and apart.subjects[0].attributes[0].token_positions == (2,)
+    # single words and indices as before
+    assert resolve(tok, "a cat and a frog", "cat, 5").subjects[1].token_positions == (5,)
+    with pytest.raises(SubjectError, match="its attribute 'green' is not in the prompt"):
+        resolve(tok, "a red car", "green car")
+    with pytest.raises(SubjectError, match="its noun 'boat' .* is not in the prompt"):
+        resolve(tok, "a red car", "red boat")
 
 
 def test_weighting_syntax_is_resolved_as_the_encoder_sees_it(tokenizers):
