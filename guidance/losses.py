@@ -3,6 +3,11 @@
 Every loss takes the subjects' processed maps A: [B, S, H, W] (fp32; B images, S subjects) and
 returns a per-image loss [B]. The guidance minimises the weighted sum of the selected losses.
 Adding a loss is adding a function and one `LOSSES` entry; the sampler needs no change.
+
+The attribute-binding losses also read the context `combined_loss` passes on: `attribute_maps`
+[B, A, H, W] (the processed maps of the attribute token groups, processed as A), `attribute_owner`
+(length A: the index s in A of each attribute's noun) and `other_maps` [B, O, H, W] (the prompt's
+other content tokens; O may be 0). Every loss swallows the keys it does not use.
 """
 from __future__ import annotations
 
@@ -57,20 +62,42 @@ def text_attention(aggregated: torch.Tensor, chunk_start: int, end_position: int
     return out
 
 
-def subject_attention_maps(aggregated: torch.Tensor, subjects, resolution: tuple[int, int],
-                           temperature: float = 100.0, exclude_padding: bool = False) -> torch.Tensor:
-    """[B, N, T] -> [B, S, H, W]: each subject's re-weighted map (mean over its word pieces), unsmoothed."""
-    batch = aggregated.shape[0]
+def token_group_maps(aggregated: torch.Tensor, subjects, groups, resolution: tuple[int, int],
+                     temperature: float = 100.0, exclude_padding: bool = False) -> torch.Tensor:
+    """[B, N, T] -> [B, G, H, W]: the re-weighted map of each group of token positions (mean over the group;
+    a group lies in one chunk), unsmoothed."""
+    batch, length = aggregated.shape[0], subjects.chunk_length
     per_chunk = {}
     maps = []
-    for subject in subjects.subjects:
-        if subject.chunk not in per_chunk:
-            per_chunk[subject.chunk] = text_attention(
-                aggregated, subject.chunk * subjects.chunk_length, subjects.end_positions[subject.chunk],
-                subjects.chunk_length, temperature, exclude_padding)
-        in_chunk = list(subject.positions_in_chunk(subjects.chunk_length))
-        maps.append(per_chunk[subject.chunk][:, :, in_chunk].mean(dim=-1))
+    for positions in groups:
+        chunk = positions[0] // length
+        if chunk not in per_chunk:
+            per_chunk[chunk] = text_attention(aggregated, chunk * length, subjects.end_positions[chunk], length,
+                                              temperature, exclude_padding)
+        maps.append(per_chunk[chunk][:, :, [p - chunk * length for p in positions]].mean(dim=-1))
+    if not maps:
+        return aggregated.new_zeros(batch, 0, *resolution, dtype=torch.float32)
     return torch.stack(maps, dim=1).reshape(batch, len(maps), *resolution)
+
+
+def subject_attention_maps(aggregated: torch.Tensor, subjects, resolution: tuple[int, int],
+                           temperature: float = 100.0, exclude_padding: bool = False) -> torch.Tensor:
+    """[B, N, T] -> [B, S, H, W]: each subject's (noun's) re-weighted map (mean over its word pieces), unsmoothed."""
+    return token_group_maps(aggregated, subjects, [s.token_positions for s in subjects.subjects], resolution,
+                            temperature, exclude_padding)
+
+
+def binding_context(aggregated: torch.Tensor, subjects, resolution: tuple[int, int], temperature: float = 100.0,
+                    exclude_padding: bool = False) -> dict:
+    """What the binding losses read beside the nouns' maps, processed as those: attribute_maps [B, A, H, W],
+    attribute_owner (the index of each attribute's noun) and other_maps [B, O, H, W] (the prompt's other
+    content tokens; with exclude_padding off A&E's softmax also spans end and padding, which stay out)."""
+    pairs = subjects.attributes
+    attribute_maps = token_group_maps(aggregated, subjects, [a.token_positions for _i, a in pairs], resolution,
+                                      temperature, exclude_padding)
+    other_maps = token_group_maps(aggregated, subjects, [(p,) for p in subjects.other_positions()], resolution,
+                                  temperature, exclude_padding)
+    return {"attribute_maps": attribute_maps, "attribute_owner": tuple(i for i, _a in pairs), "other_maps": other_maps}
 
 
 def max_attention_per_subject(maps: torch.Tensor, kernel_size: int = 3, sigma: float = 0.5) -> torch.Tensor:
@@ -109,11 +136,50 @@ def segregation_loss(maps: torch.Tensor, smoothing_sigma: float = 0.5, **_) -> t
     return total
 
 
-def retention_mask(maps: torch.Tensor, threshold: float = 0.5, smoothing_sigma: float = 0.5) -> torch.Tensor:
-    """B_m: the binary high-attention region of each subject, {A_m >= threshold * max A_m}. [B,S,H,W]."""
+def otsu_threshold(values: torch.Tensor) -> torch.Tensor:
+    """Otsu's threshold (Otsu 1979) of each row of values [..., N] -> [...].
+
+    Over the sorted values v_1 <= ... <= v_N, the split after k puts v_1..v_k in the lower class and
+    maximises the between-class variance
+        sigma_b^2(k) = w_0 w_1 (mu_0 - mu_1)^2,  w_0 = k / N,  w_1 = 1 - w_0,
+        mu_0 = mean(v_1..v_k),  mu_1 = mean(v_k+1..v_N).
+    This is Otsu's criterion on the exact empirical distribution (one histogram bin per distinct value,
+    so no bin count to choose); splits inside a run of equal values are not candidates, and the first
+    maximum wins on ties. Returns the lowest value of the upper class, so the upper class is exactly
+    {v >= threshold}. A row with a single distinct value has no split: its threshold is that value
+    (every element is in the upper class).
+    """
+    ordered = values.sort(dim=-1).values
+    count = ordered.shape[-1]
+    if count < 2:
+        return ordered[..., 0]
+    centred = ordered - ordered.mean(dim=-1, keepdim=True)  # the variance is shift-invariant; less cancellation
+    lower_sum = centred.cumsum(dim=-1)[..., :-1]  # k = 1..N-1
+    total = centred.sum(dim=-1, keepdim=True)
+    k = torch.arange(1, count, device=values.device, dtype=centred.dtype)
+    w0 = k / count
+    between = w0 * (1 - w0) * (lower_sum / k - (total - lower_sum) / (count - k)) ** 2
+    valid = ordered[..., 1:] > ordered[..., :-1]
+    best = between.masked_fill(~valid, -1.0).argmax(dim=-1, keepdim=True)
+    threshold = ordered[..., 1:].gather(-1, best).squeeze(-1)
+    return torch.where(valid.any(dim=-1), threshold, ordered[..., 0])
+
+
+def retention_mask(maps: torch.Tensor, threshold: float = 0.5, smoothing_sigma: float = 0.5,
+                   method: str = "half_max") -> torch.Tensor:
+    """B_m: the binary high-attention region of each subject's smoothed map G * A_m. [B,S,H,W].
+
+    method "half_max": {G * A_m >= threshold * max G * A_m} (A-STAR's mask; threshold 0.5).
+    method "otsu": {G * A_m >= otsu_threshold(values of G * A_m)}, per subject map; `threshold` is unused.
+    """
     smoothed = smooth(maps, sigma=smoothing_sigma).detach()
-    peak = smoothed.flatten(2).max(dim=-1).values[..., None, None]
-    return (smoothed >= threshold * peak).to(maps.dtype)
+    if method == "half_max":
+        cut = threshold * smoothed.flatten(2).max(dim=-1).values
+    elif method == "otsu":
+        cut = otsu_threshold(smoothed.flatten(2))
+    else:
+        raise ValueError(f"unknown retention mask method {method!r}; valid: 'half_max', 'otsu'")
+    return (smoothed >= cut[..., None, None]).to(maps.dtype)
 
 
 def retention_loss(maps: torch.Tensor, previous_masks: torch.Tensor | None = None, smoothing_sigma: float = 0.5,
@@ -145,11 +211,140 @@ def attendance_loss(maps: torch.Tensor, smoothing_sigma: float = 0.5, **_) -> to
     return -total_variation(smooth(maps, sigma=smoothing_sigma)).min(dim=1).values
 
 
+# ---------------------------------------------------------------- attribute binding
+
+_EPS = 1e-12  # floor inside the logarithms: a pixel with no mass adds nothing, and no log(0) reaches the gradient
+
+
+def spatial_distribution(maps: torch.Tensor) -> torch.Tensor:
+    """[..., H, W] -> [..., H*W]: each map divided by its sum, a distribution over pixels (an all-zero map stays 0)."""
+    flat = maps.flatten(-2)
+    return flat / flat.sum(dim=-1, keepdim=True).clamp(min=_EPS)
+
+
+def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) = sum_i P_i (log P_i - log Q_i) over the last dim (logs floored at 1e-12)."""
+    return (p * (p.clamp(min=_EPS).log() - q.clamp(min=_EPS).log())).sum(dim=-1)
+
+
+def jensen_shannon_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """JSD(P || Q) = 1/2 KL(P || M) + 1/2 KL(Q || M), M = (P + Q) / 2. In [0, ln 2]: 0 iff P = Q, ln 2 iff disjoint."""
+    middle = 0.5 * (p + q)
+    return 0.5 * kl_divergence(p, middle) + 0.5 * kl_divergence(q, middle)
+
+
+def symmetric_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """dist(P, Q) = KL(P || Q) + KL(Q || P) over the last dim (SynGen's distance between two maps)."""
+    return kl_divergence(p, q) + kl_divergence(q, p)
+
+
+def _attribute_owners(maps: torch.Tensor, attribute_maps: torch.Tensor, attribute_owner) -> list[int]:
+    """attribute_owner as a list, checked against attribute_maps [B, A, H, W] and the S subjects of maps."""
+    owners = [int(s) for s in attribute_owner]
+    if len(owners) != attribute_maps.shape[1]:
+        raise ValueError(f"attribute_owner names {len(owners)} nouns for {attribute_maps.shape[1]} attribute maps")
+    if any(not 0 <= s < maps.shape[1] for s in owners):
+        raise ValueError(f"attribute_owner {tuple(owners)} indexes outside the {maps.shape[1]} subjects")
+    return owners
+
+
+def divide_and_bind_binding_loss(maps: torch.Tensor, attribute_maps: torch.Tensor, attribute_owner,
+                                 smoothing_sigma: float = 0.5, **_) -> torch.Tensor:
+    """Divide & Bind binding (Li et al., BMVC 2023): L_bind = 1/|P| sum_{(a, n) in P} JSD(P_a || P_n).
+
+    P: the attribute-noun pairs (a, attribute_owner[a]). P_x = G * A_x / sum_ij G * A_x: the
+    Gaussian-smoothed map normalised to a distribution over pixels. JSD as `jensen_shannon_divergence`:
+    0 when the attribute attends exactly where its noun does, ln 2 when the two maps are disjoint.
+    Left open, chosen here: the maps are smoothed first, as for the attendance term (the pack's
+    processed map G * A; smoothing_sigma -> 0 gives the unsmoothed maps); the pairs are averaged, not
+    summed, so the term stays in [0, ln 2] whatever the number of attributes and its weight need not
+    change with the prompt (the attendance term it is paired with is a min over subjects, also
+    independent of their number).
+    """
+    owners = _attribute_owners(maps, attribute_maps, attribute_owner)
+    if not owners:
+        return maps.new_zeros(maps.shape[0])
+    attributes = spatial_distribution(smooth(attribute_maps, sigma=smoothing_sigma))
+    nouns = spatial_distribution(smooth(maps, sigma=smoothing_sigma))[:, owners]
+    return jensen_shannon_divergence(attributes, nouns).mean(dim=1)
+
+
+def syngen_loss(maps: torch.Tensor, attribute_maps: torch.Tensor, attribute_owner,
+                other_maps: torch.Tensor | None = None, **_) -> torch.Tensor:
+    """SynGen (Rassin et al., NeurIPS 2023): L = L_pos + L_neg, over the groups S_i (a noun n_i and its modifiers).
+
+        L_pos = sum_i sum_{(m, n_i) in P(S_i)} dist(A_m, A_n_i)
+        L_neg = - sum_i 1/|U(S_i)| sum_{(m, n_i) in P(S_i)} sum_{u in U(S_i)} 1/2 [dist(A_m, A_u) + dist(A_n_i, A_u)]
+
+    dist = `symmetric_kl`; every map normalised to a distribution over pixels (`spatial_distribution`),
+    unsmoothed. P(S_i): the modifier-noun pairs of group i (a noun without modifiers has none and adds
+    nothing). U(S_i): every token outside the group: the other nouns, their modifiers, and other_maps.
+    L_pos is 0 when each modifier's map equals its noun's; L_neg rewards both maps of a pair for
+    staying off the unrelated tokens' maps, so L is negative there, not 0 (bounded below only through
+    the log floor). With U(S_i) empty (one noun, no other tokens) L_neg is 0.
+    Fixed here: a pair is a modifier with its noun (two modifiers of one noun are no pair); the
+    modifiers of the same noun belong to the group, not to U (pushing them apart would fight the
+    binding); the sums over groups and pairs are plain sums and L_pos, L_neg weigh 1 each, as written.
+    """
+    owners = _attribute_owners(maps, attribute_maps, attribute_owner)
+    nouns = spatial_distribution(maps)
+    modifiers = spatial_distribution(attribute_maps)
+    others = spatial_distribution(other_maps) if other_maps is not None else nouns[:, :0]
+    total = maps.new_zeros(maps.shape[0])
+    for noun in range(maps.shape[1]):
+        group = [a for a, s in enumerate(owners) if s == noun]
+        if not group:
+            continue
+        pair_modifiers, pair_noun = modifiers[:, group], nouns[:, noun:noun + 1]  # [B, M, N], [B, 1, N]
+        total = total + symmetric_kl(pair_modifiers, pair_noun).sum(dim=1)
+        unrelated = torch.cat([nouns[:, [s for s in range(maps.shape[1]) if s != noun]],
+                               modifiers[:, [a for a, s in enumerate(owners) if s != noun]], others], dim=1)
+        if unrelated.shape[1]:
+            to_modifier = symmetric_kl(pair_modifiers[:, :, None], unrelated[:, None])  # [B, M, U]
+            to_noun = symmetric_kl(pair_noun[:, :, None], unrelated[:, None])  # [B, 1, U], the same for every pair
+            total = total - (0.5 * (to_modifier + to_noun)).sum(dim=(1, 2)) / unrelated.shape[1]
+    return total
+
+
+def conform_loss(maps: torch.Tensor, attribute_maps: torch.Tensor, attribute_owner, temperature: float = 0.5,
+                 smoothing_sigma: float = 0.5, **_) -> torch.Tensor:
+    """CONFORM (Meral et al., CVPR 2024): InfoNCE over the token maps, a group = a noun and its attributes.
+
+        L = 1/|P| sum_{(i, j) in P} -log [ exp(s_ij / tau) / (exp(s_ij / tau) + sum_{k in N(i)} exp(s_ik / tau)) ]
+
+    s_ij = cos(vec(G * A_i), vec(G * A_j)): cosine similarity of the flattened Gaussian-smoothed maps,
+    tau = temperature (0.5, CONFORM's default). P: the ordered pairs i != j in the same group; N(i):
+    the tokens of every other group. A noun without attributes is a group of one: never an anchor
+    (no positive), a negative for all the others. This is the NT-Xent loss of pytorch-metric-learning
+    with mean reduction over positive pairs, which CONFORM's code calls on the smoothed, flattened,
+    otherwise unnormalised maps (read in gemlab-vt/CONFORM, pipeline_conform.py). The minimum for
+    non-negative maps is ln(1 + |N(i)| e^{-1/tau}): positives identical, negatives disjoint.
+    Defined as 0 without a positive pair or with a single group (CONFORM's code returns 0 there too);
+    `LOSSES` asks for two subjects and the attributes for a pair, so both exist when it runs.
+    Not done here: CONFORM also adds each token's map of the previous step as a further member of its
+    group (`add_previous_attention_maps`); this loss sees only the current maps.
+    """
+    owners = _attribute_owners(maps, attribute_maps, attribute_owner)
+    count = maps.shape[1]
+    if count < 2 or not owners:
+        return maps.new_zeros(maps.shape[0])
+    labels = torch.tensor(list(range(count)) + owners, device=maps.device)
+    tokens = torch.cat([maps, attribute_maps], dim=1)
+    embeddings = F.normalize(smooth(tokens, sigma=smoothing_sigma).flatten(2), dim=-1)
+    logits = embeddings @ embeddings.transpose(1, 2) / temperature  # [B, T, T]
+    same_group = labels[:, None] == labels[None, :]
+    positive = same_group & ~torch.eye(len(labels), dtype=torch.bool, device=maps.device)
+    negatives = logits.masked_fill(same_group, float("-inf")).logsumexp(dim=-1, keepdim=True)  # [B, T, 1]
+    pair_losses = torch.logaddexp(logits, negatives) - logits
+    return pair_losses[:, positive].mean(dim=-1)
+
+
 @dataclass(frozen=True)
 class LossSpec:
     function: Callable[..., torch.Tensor]
     min_subjects: int = 1
     needs_previous_masks: bool = False
+    needs_attributes: bool = False
     description: str = ""
 
 
@@ -158,19 +353,40 @@ LOSSES: dict[str, LossSpec] = {
     "segregation": LossSpec(segregation_loss, min_subjects=2, description="keep subjects off each other's pixels"),
     "retention": LossSpec(retention_loss, needs_previous_masks=True, description="keep each subject in its region"),
     "attendance": LossSpec(attendance_loss, description="Divide & Bind: maximise the weakest subject's total variation"),
+    "divide_and_bind_binding": LossSpec(
+        divide_and_bind_binding_loss, needs_attributes=True,
+        description="Divide & Bind: pull each attribute's attention onto its noun's (Jensen-Shannon)"),
+    "syngen": LossSpec(
+        syngen_loss, needs_attributes=True,
+        description="SynGen: align each modifier's map with its noun's, push both off other tokens' (symmetric KL)"),
+    "conform": LossSpec(
+        conform_loss, min_subjects=2, needs_attributes=True,
+        description="CONFORM: contrast the maps, each noun with its attributes against the other nouns (InfoNCE)"),
 }
 
 
+def _attribute_count(context: dict) -> int:
+    attribute_maps = context.get("attribute_maps")
+    return 0 if attribute_maps is None else attribute_maps.shape[1]
+
+
 def combined_loss(maps: torch.Tensor, weights: dict[str, float], previous_masks: torch.Tensor | None = None,
-                  smoothing_sigma: float = 0.5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted sum of the selected losses: ([B] total, {name: [B] term}). Zero weights are skipped."""
+                  smoothing_sigma: float = 0.5, **context) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted sum of the selected losses: ([B] total, {name: [B] term}).
+
+    Skipped: zero weights, losses with fewer subjects than they need, and losses that need attributes
+    when there are none (no `attribute_maps`, or A = 0). `context` (attribute_maps, attribute_owner,
+    other_maps) is passed on to every loss.
+    """
     terms = {}
     total = maps.new_zeros(maps.shape[0])
     for name, weight in weights.items():
         spec = LOSSES[name]
         if weight == 0 or maps.shape[1] < spec.min_subjects:
             continue
-        term = spec.function(maps, previous_masks=previous_masks, smoothing_sigma=smoothing_sigma)
+        if spec.needs_attributes and _attribute_count(context) == 0:
+            continue
+        term = spec.function(maps, previous_masks=previous_masks, smoothing_sigma=smoothing_sigma, **context)
         terms[name] = term
         total = total + weight * term
     return total, terms

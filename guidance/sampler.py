@@ -47,6 +47,7 @@ class GuidanceConfig:
     retention_threshold: float = 0.5
     truncate_pass: bool = True
     recompute_feedforward: bool = True  # guided pass: recompute feed-forward activations in the backward
+    retention_mask_method: str = "half_max"  # A-STAR's retention region: "half_max" or "otsu"
 
     @property
     def enabled(self) -> bool:
@@ -83,11 +84,16 @@ def validate_config(config: GuidanceConfig, subjects: Subjects) -> list[str]:
     if config.refinement and config.enabled and not config.loss_weights.get("attend_and_excite"):
         warnings.append("refinement thresholds are Attend-and-Excite's (refine until its loss <= 1 - threshold) "
                         "and the attend_and_excite loss is off: refinement is not applied")
+    if config.retention_mask_method not in ("half_max", "otsu"):
+        raise ValueError(f"retention mask method {config.retention_mask_method!r}; valid: half_max, otsu")
     for name, weight in config.loss_weights.items():
         spec = L.LOSSES[name]
         if weight and len(subjects) < spec.min_subjects:
             warnings.append(f"loss '{name}' needs at least {spec.min_subjects} subjects and the prompt has "
                             f"{len(subjects)} ({', '.join(subjects.labels)}): it is skipped")
+        elif weight and spec.needs_attributes and not subjects.attributes:
+            warnings.append(f"loss '{name}' binds attributes to their nouns and no subject has one (write subject "
+                            "groups, e.g. 'red car, blue bench': the last word is the noun): it is skipped")
     return warnings
 
 
@@ -117,6 +123,9 @@ class GuidanceRun:
         self.thresholds = config.refinement_thresholds(total_steps) if config.loss_weights.get("attend_and_excite") else {}
         self.previous_masks: torch.Tensor | None = None
         self._warned_nonfinite = False
+        # attribute, noun and other-token maps only when a weighted loss reads them
+        self.binds = bool(self.subjects.attributes) and any(
+            w and L.LOSSES[n].needs_attributes for n, w in config.loss_weights.items())
         self.denoise_mask = None
 
     def model_input(self, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
@@ -155,9 +164,13 @@ class GuidanceRun:
         capture.begin_evaluation()
         if aggregated is None:
             raise RuntimeError("the guided pass recorded no cross-attention of the subjects' prompt")
-        maps = L.subject_attention_maps(self.binding.own_tokens(aggregated).float(), self.subjects, capture.grid,
-                                        self.config.temperature, self.config.exclude_padding)
-        total, terms = L.combined_loss(maps, self.config.loss_weights, self.previous_masks, self.config.smoothing_sigma)
+        own = self.binding.own_tokens(aggregated).float()
+        maps = L.subject_attention_maps(own, self.subjects, capture.grid, self.config.temperature,
+                                        self.config.exclude_padding)
+        context = L.binding_context(own, self.subjects, capture.grid, self.config.temperature,
+                                    self.config.exclude_padding) if self.binds else {}
+        total, terms = L.combined_loss(maps, self.config.loss_weights, self.previous_masks, self.config.smoothing_sigma,
+                                       **context)
         return total, terms, maps
 
     def update(self, x: torch.Tensor, total: torch.Tensor, sigma: torch.Tensor, step_size: float,
@@ -196,7 +209,8 @@ class GuidanceRun:
                                                        entry)
             latent = self.update(latent, total, sigma, step_size)
             if config.loss_weights.get("retention", 0):
-                self.previous_masks = L.retention_mask(maps.detach(), config.retention_threshold, config.smoothing_sigma)
+                self.previous_masks = L.retention_mask(maps.detach(), config.retention_threshold,
+                                                       config.smoothing_sigma, config.retention_mask_method)
         self.record.losses.append(entry)
         return latent.to(x.dtype)
 

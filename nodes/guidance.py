@@ -6,11 +6,20 @@ from ..guidance.sampler import DEFAULT_REFINEMENT, GuidanceConfig
 from .types import ADVANCED, Guidance
 
 _DEFAULT_WEIGHTS = {"attend_and_excite": 1.0}
+# The node's first losses keep their place among the inputs; losses added since come after every other input,
+# optional with weight 0, so that saved workflows (whose widget values are stored by position) keep working.
+_FIRST_LOSSES = ("attend_and_excite", "segregation", "retention", "attendance")
 _TIPS = {
     "attend_and_excite": "Attend-and-Excite: raise the weakest subject's peak attention. Paper: 1.0 (alone).",
     "segregation": "A-STAR segregation: subjects should not share pixels. Needs 2+ subjects. A-STAR: 1.0.",
     "retention": "A-STAR retention: each subject keeps the region it held at the previous step. A-STAR: 1.0.",
     "attendance": "Divide & Bind attendance: maximise the weakest subject's total variation. D&B: 1.0.",
+    "divide_and_bind_binding": "Divide & Bind binding: each attribute's map matches its noun's (Jensen-Shannon). "
+                               "Needs subject groups such as 'red car, blue bench'. D&B: 1.0 with attendance.",
+    "syngen": "SynGen: pull each attribute's map to its noun's, push both from the other tokens' (symmetric KL). "
+              "Needs subject groups such as 'red car, blue bench'.",
+    "conform": "CONFORM: contrastive over maps, a noun and its attributes together, other groups apart "
+               "(InfoNCE, temperature 0.5). Needs 2+ subjects, one with an attribute.",
 }
 
 
@@ -33,9 +42,11 @@ def parse_refinement(text: str) -> tuple[tuple[float, float], ...]:
 class AttentionGuidance(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        weights = [io.Float.Input(f"{name}_weight", default=_DEFAULT_WEIGHTS.get(name, 0.0), min=0.0, max=100.0,
-                                  step=0.05, tooltip=_TIPS.get(name, spec.description))
-                   for name, spec in LOSSES.items()]
+        def weight(name, spec, **options):
+            return io.Float.Input(f"{name}_weight", default=_DEFAULT_WEIGHTS.get(name, 0.0), min=0.0, max=100.0,
+                                  step=0.05, tooltip=_TIPS.get(name, spec.description), **options)
+        weights = [weight(name, LOSSES[name]) for name in _FIRST_LOSSES]
+        later = [weight(name, spec, optional=True) for name, spec in LOSSES.items() if name not in _FIRST_LOSSES]
         refinement = ", ".join(f"{f}:{t}" for f, t in DEFAULT_REFINEMENT)
         return io.Schema(
             node_id="AttnGuideGuidance",
@@ -72,6 +83,12 @@ class AttentionGuidance(io.ComfyNode):
                                  tooltip="Guided pass: recompute the transformer feed-forward activations during "
                                          "the backward instead of storing them (same gradient; SDXL: 0.6x the "
                                          "guided pass's memory for 20% more time per guided step)."),
+                *later,
+                io.Combo.Input("retention_mask", options=["half_max", "otsu"], default="half_max", optional=True,
+                               **ADVANCED,
+                               tooltip="A-STAR's retention region (the paper gives no threshold): half_max = "
+                                       "pixels with at least retention_threshold x the peak; otsu = Otsu's "
+                                       "threshold of the smoothed map (as InitNO and later work)."),
             ],
             outputs=[Guidance.Output(display_name="GUIDANCE")],
         )
@@ -79,8 +96,8 @@ class AttentionGuidance(io.ComfyNode):
     @classmethod
     def execute(cls, scale_factor, guidance_start, guidance_end, refinement, max_refinement_steps,
                 softmax_temperature, exclude_padding, smoothing_sigma, retention_threshold, truncate_pass,
-                recompute_feedforward=True, **weights) -> io.NodeOutput:
-        loss_weights = {name: float(weights[f"{name}_weight"]) for name in LOSSES}
+                recompute_feedforward=True, retention_mask="half_max", **weights) -> io.NodeOutput:
+        loss_weights = {name: float(weights.get(f"{name}_weight", 0.0)) for name in LOSSES}
         if not any(loss_weights.values()):
             raise ValueError("Attention Guidance: every loss weight is 0, so nothing would be guided; set at least "
                              f"one of {', '.join(f'{n}_weight' for n in LOSSES)} above 0")
@@ -93,7 +110,7 @@ class AttentionGuidance(io.ComfyNode):
             max_refinement_steps=max_refinement_steps, temperature=softmax_temperature,
             exclude_padding=exclude_padding, smoothing_sigma=smoothing_sigma,
             retention_threshold=retention_threshold, truncate_pass=truncate_pass,
-            recompute_feedforward=recompute_feedforward)
+            recompute_feedforward=recompute_feedforward, retention_mask_method=retention_mask)
         return io.NodeOutput(config)
 
 

@@ -28,8 +28,8 @@ def _conds(clip, text=TEXT, subjects="cat, frog"):
 
 
 def _run(model, clip, config=AE, steps=4, sampler="euler", latent=LATENT, seed=11, positive=None, negative=None,
-         callback=None):
-    pos, neg, subjects = _conds(clip)
+         callback=None, text=TEXT, subject_spec="cat, frog"):
+    pos, neg, subjects = _conds(clip, text, subject_spec)
     positive = positive if positive is not None else pos
     negative = negative if negative is not None else neg
     guided = sampler_mod.AttentionSampler(comfy.samplers.sampler_object(sampler), subjects, config)
@@ -75,6 +75,28 @@ def test_loss_after_update_is_lower(sd15, loss_after_update, weights):
         assert (after < before).all(), (before, after)
     assert [entry.step for entry in record.losses] == [0, 1, 2]
     assert set(record.losses[-1].terms) == set(weights)
+
+
+@pytest.mark.parametrize("weights", [{"divide_and_bind_binding": 1.0}, {"syngen": 1.0}, {"conform": 1.0},
+                                     {"attend_and_excite": 1.0, "syngen": 1.0}], ids=lambda w: "+".join(w))
+def test_binding_loss_after_update_is_lower(sd15, loss_after_update, weights):
+    """The binding losses on subject groups ('red cat, blue frog'): each update lowers the loss."""
+    model, clip = sd15
+    config = GuidanceConfig(loss_weights=weights, guidance_end=1.0, refinement=(), scale_factor=20.0)
+    latent, record = _run(model, clip, config, steps=3, text="a red cat and a blue frog",
+                          subject_spec="red cat, blue frog")
+    assert torch.isfinite(latent).all() and len(loss_after_update) == 3
+    for before, after in loss_after_update:
+        assert (after < before).all(), (before, after)
+    assert set(record.losses[-1].terms) == set(weights)
+
+
+def test_binding_loss_without_attributes_is_skipped_with_a_warning(sd15, caplog):
+    model, clip = sd15
+    config = GuidanceConfig(loss_weights={"attend_and_excite": 1.0, "syngen": 1.0}, refinement=())
+    with caplog.at_level(logging.WARNING):
+        _latent, record = _run(model, clip, config, steps=4)
+    assert "binds attributes" in caplog.text and "syngen" not in record.losses[0].terms
 
 
 def test_refinement_iterates_and_is_recorded(sd15):

@@ -1,6 +1,7 @@
 """The losses on hand-made maps where the answer is known, and their gradients."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from harness import pack_module
@@ -118,3 +119,254 @@ def test_text_attention_variants():
     assert torch.allclose(sd2.sum(-1), torch.ones(1, 4))
     expected = torch.softmax(aggregated[:, :, 1:6] * 100, dim=-1)
     assert torch.allclose(sd2[:, :, 1:6], expected)
+
+
+# ---------------------------------------------------------------- attribute binding
+
+def _attribute_descends(loss_fn, maps, attribute_maps, **kwargs):
+    """(before, after) for a small step along -grad w.r.t. the attribute maps only."""
+    attribute_maps = attribute_maps.clone().requires_grad_(True)
+    before = loss_fn(maps, attribute_maps=attribute_maps, **kwargs).sum()
+    (grad,) = torch.autograd.grad(before, [attribute_maps])
+    stepped = (attribute_maps - 0.05 * grad / grad.abs().max()).detach()
+    return before.item(), loss_fn(maps, attribute_maps=stepped, **kwargs).sum().item()
+
+
+def _drift(start, end, steps=7):
+    """Blob centres from start to end, in equal steps."""
+    return [(start[0] + (end[0] - start[0]) * t / (steps - 1), start[1] + (end[1] - start[1]) * t / (steps - 1))
+            for t in range(steps)]
+
+
+NOUNS = torch.stack([_blob((4, 4)), _blob((11, 11))])[None]  # two nouns, far apart
+NO_OTHERS = torch.zeros(1, 0, 16, 16)
+
+
+def _binding_losses():
+    """Each attribute-binding loss as f(maps, attribute_maps=..., attribute_owner=...); SynGen with O = 0."""
+    return {
+        "divide_and_bind_binding": L.divide_and_bind_binding_loss,
+        "syngen": lambda maps, **kw: L.syngen_loss(maps, other_maps=maps[:, :0], **kw),
+        "conform": L.conform_loss,
+    }
+
+
+def test_jensen_shannon_and_symmetric_kl_by_hand():
+    p = torch.tensor([0.5, 0.5, 0.0, 0.0])
+    q = torch.tensor([0.5, 0.0, 0.5, 0.0])
+    # M = (.5, .25, .25, 0): KL(P||M) = .5 ln(.5/.5) + .5 ln(.5/.25) = .5 ln 2, and the same for Q
+    assert L.jensen_shannon_divergence(p, q).item() == pytest.approx(0.5 * math.log(2), abs=1e-6)
+    assert L.jensen_shannon_divergence(p, p).item() == pytest.approx(0.0, abs=1e-7)
+    assert L.jensen_shannon_divergence(p, torch.tensor([0.0, 0.0, 0.5, 0.5])).item() == pytest.approx(math.log(2))
+    a = torch.tensor([3.0, 1.0, 1.0, 3.0]) / 8
+    u = torch.full((4,), 0.25)
+    # KL(a||u) = .75 ln 1.5 - .25 ln 2, KL(u||a) = -.5 ln 1.5 + .5 ln 2: the sum is .25 ln 3
+    assert L.symmetric_kl(a, u).item() == pytest.approx(0.25 * math.log(3), abs=1e-6)
+    assert L.symmetric_kl(a, 1 / 2 - a).item() == pytest.approx(math.log(3), abs=1e-6)  # (1,3,3,1)/8: .5 ln 3 each way
+
+
+def test_divide_and_bind_binding_by_hand_and_bounds():
+    noun = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    attribute = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    unsmoothed = dict(smoothing_sigma=0.05)  # the reference kernel at sigma 0.05 is the identity to fp32
+    jsd = lambda m, a, owner: L.divide_and_bind_binding_loss(m, a, owner, **unsmoothed)  # noqa: E731
+    assert jsd(noun[None, None], attribute[None, None], (0,)).item() == pytest.approx(0.5 * math.log(2), abs=1e-6)
+    # a distribution: the scale of either map does not matter
+    assert jsd(noun[None, None] * 0.2, 3 * attribute[None, None], (0,)).item() == pytest.approx(0.5 * math.log(2),
+                                                                                              abs=1e-6)
+    # averaged over pairs: one identical (0), one as above (.5 ln 2)
+    both = torch.stack([noun, attribute])[None]
+    assert jsd(noun[None, None], both, (0, 0)).item() == pytest.approx(0.25 * math.log(2), abs=1e-6)
+    # smoothed (default): identical is 0, disjoint is ln 2 (the squares stay apart after smoothing)
+    square = _square(0, 0)[None, None]
+    assert L.divide_and_bind_binding_loss(square, square.clone(), (0,)).item() == pytest.approx(0.0, abs=1e-6)
+    far = _square(9, 9)[None, None]
+    assert L.divide_and_bind_binding_loss(square, far, (0,)).item() == pytest.approx(math.log(2), abs=1e-5)
+    assert L.divide_and_bind_binding_loss(square, torch.zeros(1, 0, 16, 16), ()).item() == 0.0
+
+
+def test_syngen_by_hand():
+    a = torch.tensor([[3.0, 1.0], [1.0, 3.0]])
+    n = torch.ones(2, 2)
+    o = a.flip(1)  # [[1, 3], [3, 1]]
+    # one group {a, n}, U = {o}: L_pos = dist(a, n) = .25 ln 3;
+    # L_neg = -1/1 * 1/2 (dist(a, o) + dist(n, o)) = -1/2 (ln 3 + .25 ln 3)
+    loss = L.syngen_loss(n[None, None], a[None, None], (0,), o[None, None]).item()
+    assert loss == pytest.approx(0.25 * math.log(3) - 0.625 * math.log(3), abs=1e-5)
+    # no unrelated token: only L_pos
+    assert L.syngen_loss(n[None, None], a[None, None], (0,), None).item() == pytest.approx(0.25 * math.log(3), abs=1e-6)
+    # o as a second noun without modifiers: the same U, and a group with no pair adds nothing
+    assert L.syngen_loss(torch.stack([n, o])[None], a[None, None], (0,), None).item() == pytest.approx(loss, abs=1e-6)
+    # two groups: each pair's own U; the modifiers of the other noun are unrelated, the noun's own are not
+    maps, attrs = torch.stack([n, o])[None], torch.stack([a, o])[None]
+    group0 = 0.25 * math.log(3) - 0.5 * (L.symmetric_kl(*(L.spatial_distribution(t) for t in (a, o))).item() * 2
+                                         + 2 * L.symmetric_kl(*(L.spatial_distribution(t) for t in (n, o))).item()) / 2
+    group1 = 0.0 - 0.5 * (2 * L.symmetric_kl(*(L.spatial_distribution(t) for t in (o, n))).item()
+                          + 2 * L.symmetric_kl(*(L.spatial_distribution(t) for t in (o, a))).item()) / 2
+    assert L.syngen_loss(maps, attrs, (0, 1), None).item() == pytest.approx(group0 + group1, abs=1e-5)
+
+
+def test_syngen_identical_pair_is_zero_without_others():
+    noun = _blob((6, 6))[None, None]
+    assert L.syngen_loss(noun, noun.clone(), (0,), NO_OTHERS).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_conform_by_hand():
+    n1 = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    a1 = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    n2 = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    # cos(a1, n1) = 1/sqrt 2, cos(a1, n2) = 1/2, cos(n1, n2) = 0; tau = .5. Anchors a1 and n1 (n2 has no positive):
+    # l(a1 -> n1) = ln(1 + e^{(.5 - 1/sqrt 2)/.5}), l(n1 -> a1) = ln(1 + e^{(0 - 1/sqrt 2)/.5}); the mean of the two
+    expected = 0.5 * (math.log(1 + math.exp(1 - math.sqrt(2))) + math.log(1 + math.exp(-math.sqrt(2))))
+    loss = L.conform_loss(torch.stack([n1, n2])[None], a1[None, None], (0,), smoothing_sigma=0.05)
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+    # the minimum for non-negative maps: positives identical, negatives disjoint: ln(1 + |N| e^{-1/tau})
+    square, far = _square(0, 0), _square(9, 9)
+    best = L.conform_loss(torch.stack([square, far])[None], square[None, None], (0,))
+    assert best.item() == pytest.approx(math.log(1 + math.exp(-2.0)), abs=1e-5)
+    # without a second group or without a pair it is 0 (as CONFORM's code)
+    assert L.conform_loss(square[None, None], square[None, None], (0,)).item() == 0.0
+    assert L.conform_loss(torch.stack([square, far])[None], torch.zeros(1, 0, 16, 16), ()).item() == 0.0
+
+
+@pytest.mark.parametrize("name", ["divide_and_bind_binding", "syngen", "conform"])
+def test_binding_identical_is_lower_than_disjoint(name):
+    loss = _binding_losses()[name]
+    bound = NOUNS[:, :1].clone()  # the attribute of noun 0, where noun 0 is
+    wrong = NOUNS[:, 1:].clone()  # ... where noun 1 is
+    identical = loss(NOUNS, attribute_maps=bound, attribute_owner=(0,)).item()
+    disjoint = loss(NOUNS, attribute_maps=wrong, attribute_owner=(0,)).item()
+    assert disjoint > identical + 0.5
+
+
+@pytest.mark.parametrize("name", ["divide_and_bind_binding", "syngen", "conform"])
+def test_binding_rises_as_the_attribute_drifts_to_the_wrong_noun(name):
+    loss = _binding_losses()[name]
+    values = [loss(NOUNS, attribute_maps=_blob(c)[None, None], attribute_owner=(0,)).item()
+              for c in _drift((4, 4), (11, 11))]
+    assert all(b > a for a, b in zip(values, values[1:])), values
+
+
+@pytest.mark.parametrize("name", ["divide_and_bind_binding", "syngen", "conform"])
+def test_binding_gradient_step_lowers_the_loss(name):
+    loss = _binding_losses()[name]
+    attribute = _blob((8, 8))[None, None]  # halfway between its noun (0) and the other
+    before, after = _attribute_descends(loss, NOUNS, attribute, attribute_owner=(0,))
+    assert after < before
+    two = torch.stack([_blob((6, 9)), _blob((9, 6))])[None]  # one attribute per noun, each off its noun
+    before, after = _attribute_descends(loss, NOUNS, two, attribute_owner=(0, 1))
+    assert after < before
+
+
+@pytest.mark.parametrize("name", ["divide_and_bind_binding", "syngen", "conform"])
+def test_binding_batch_independence(name):
+    loss = _binding_losses()[name]
+    maps = torch.cat([NOUNS, NOUNS.flip(1) * 0.5])
+    attributes = torch.stack([_blob((5, 5)), _blob((10, 4))])[:, None].clone().requires_grad_(True)
+    batched = loss(maps, attribute_maps=attributes, attribute_owner=(0,))
+    assert batched.shape == (2,)
+    for i in range(2):
+        alone = loss(maps[i:i + 1], attribute_maps=attributes[i:i + 1].detach(), attribute_owner=(0,))
+        assert batched[i].item() == pytest.approx(alone.item(), rel=1e-5, abs=1e-6)
+    (grad,) = torch.autograd.grad(batched[0], [attributes])
+    assert grad[1].abs().sum() == 0 and grad[0].abs().sum() > 0
+
+
+def test_syngen_negative_term_pushes_off_other_tokens():
+    noun = _blob((4, 4))[None, None]
+    attribute = noun.clone()
+    near, far = _blob((6, 6))[None, None], _blob((12, 12))[None, None]
+    # with the pair bound, an unrelated token far away gives a lower loss than one nearby
+    assert (L.syngen_loss(noun, attribute, (0,), far).item() < L.syngen_loss(noun, attribute, (0,), near).item() < 0)
+
+
+def test_combined_loss_passes_context_and_skips_without_attributes():
+    attributes = _blob((6, 6))[None, None]
+    weights = {"attend_and_excite": 1.0, "divide_and_bind_binding": 1.0, "syngen": 1.0, "conform": 1.0}
+    context = dict(attribute_maps=attributes, attribute_owner=(0,), other_maps=NO_OTHERS)
+    total, terms = L.combined_loss(NOUNS, weights, None, 0.5, **context)
+    assert set(terms) == set(weights)
+    assert terms["divide_and_bind_binding"].item() == pytest.approx(
+        L.divide_and_bind_binding_loss(NOUNS, attributes, (0,)).item())
+    assert terms["syngen"].item() == pytest.approx(L.syngen_loss(NOUNS, attributes, (0,), NO_OTHERS).item())
+    assert terms["conform"].item() == pytest.approx(L.conform_loss(NOUNS, attributes, (0,)).item())
+    assert total.item() == pytest.approx(sum(t.item() for t in terms.values()), rel=1e-6)
+    # A = 0 (and no attribute context at all): the attribute losses are skipped
+    empty = dict(attribute_maps=torch.zeros(1, 0, 16, 16), attribute_owner=(), other_maps=NO_OTHERS)
+    for ctx in (empty, {}):
+        total, terms = L.combined_loss(NOUNS, weights, None, 0.5, **ctx)
+        assert set(terms) == {"attend_and_excite"}
+    # CONFORM needs two nouns (two groups); the others run with one
+    _, terms = L.combined_loss(NOUNS[:, :1], weights, None, 0.5, **context)
+    assert set(terms) == {"attend_and_excite", "divide_and_bind_binding", "syngen"}
+    assert all(L.LOSSES[n].needs_attributes for n in ("divide_and_bind_binding", "syngen", "conform"))
+    assert not any(L.LOSSES[n].needs_attributes for n in ("attend_and_excite", "segregation", "retention",
+                                                          "attendance"))
+
+
+def test_attribute_owner_is_checked():
+    with pytest.raises(ValueError):
+        L.divide_and_bind_binding_loss(NOUNS, _blob((6, 6))[None, None], (0, 1))
+    with pytest.raises(ValueError):
+        L.syngen_loss(NOUNS, _blob((6, 6))[None, None], (2,), NO_OTHERS)
+
+
+# ---------------------------------------------------------------- Otsu
+
+def _otsu_brute_force(values: np.ndarray) -> float:
+    """Every distinct value t but the smallest as the cut {v >= t}: the t of the largest between-class variance."""
+    values = np.asarray(values, dtype=np.float64)
+    best, best_t = -1.0, float(values.min())
+    for t in np.unique(values)[1:]:
+        upper, lower = values[values >= t], values[values < t]
+        w1 = upper.size / values.size
+        variance = w1 * (1 - w1) * (upper.mean() - lower.mean()) ** 2
+        if variance > best:
+            best, best_t = variance, float(t)
+    return best_t
+
+
+def test_otsu_threshold_matches_brute_force():
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.rand(256, generator=generator),
+            torch.cat([0.2 + 0.05 * torch.randn(100, generator=generator),
+                       0.7 + 0.1 * torch.randn(156, generator=generator)]),
+            (torch.rand(200, generator=generator) * 8).round() / 8,  # many ties
+            torch.rand(300, generator=generator) ** 4]
+    for row in rows:
+        assert L.otsu_threshold(row).item() == pytest.approx(_otsu_brute_force(row.numpy()), abs=0)
+    batched = L.otsu_threshold(torch.stack([rows[0], rows[1][:256]]))
+    assert batched.shape == (2,)
+    assert batched[1].item() == _otsu_brute_force(rows[1][:256].numpy())
+    assert L.otsu_threshold(torch.full((10,), 0.3)).item() == pytest.approx(0.3)  # no split: everything is upper
+
+
+def test_otsu_retention_mask_bimodal_and_independent():
+    generator = torch.Generator().manual_seed(1)
+    bimodal = 0.1 + 0.02 * torch.rand(16, 16, generator=generator)
+    bimodal[3:9, 4:12] = 0.8 + 0.02 * torch.rand(6, 8, generator=generator)
+    threshold = L.otsu_threshold(bimodal.flatten()).item()
+    assert 0.12 < threshold <= bimodal[3:9, 4:12].min().item()  # in the gap: the upper class is the square
+    maps = torch.stack([bimodal, _blob((5, 10)), _blob((11, 4), radius=2.0) + 0.3 * _blob((4, 4))])[None]
+    masks = L.retention_mask(maps, method="otsu")
+    smoothed = L.smooth(maps)
+    for s in range(maps.shape[1]):
+        t = _otsu_brute_force(smoothed[0, s].flatten().numpy())
+        assert torch.equal(masks[0, s], (smoothed[0, s] >= t).float())
+    # unsmoothed bimodal: the mask is the square
+    exact = L.retention_mask(bimodal[None, None], smoothing_sigma=0.05, method="otsu")[0, 0]
+    square = torch.zeros(16, 16)
+    square[3:9, 4:12] = 1
+    assert torch.equal(exact, square)
+    # a constant map has no split: the whole map is the region, as with half_max
+    assert L.retention_mask(torch.full((1, 1, 8, 8), 0.2), method="otsu").sum().item() == 64
+
+
+def test_retention_mask_default_unchanged():
+    maps = torch.stack([_blob((4, 4)), _blob((11, 11)) * 0.3])[None]
+    smoothed = L.smooth(maps)
+    expected = (smoothed >= 0.5 * smoothed.flatten(2).max(-1).values[..., None, None]).float()
+    assert torch.equal(L.retention_mask(maps), expected)
+    assert torch.equal(L.retention_mask(maps, 0.5, 0.5, "half_max"), expected)
+    with pytest.raises(ValueError):
+        L.retention_mask(maps, method="mean")
