@@ -47,6 +47,7 @@ class AttentionRecord:
     total_steps: int = 0
     resolutions: list[tuple[int, int]] = field(default_factory=list)
     areas: list[Area | None] = field(default_factory=list)
+    initno: dict | None = None  # InitNO's stage, when it ran: succeeded, final scores, history per pass
 
     def add_maps(self, step: int, sigma: float, maps: torch.Tensor, resolution: tuple[int, int] | None = None,
                  area: Area | None = None) -> None:

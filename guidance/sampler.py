@@ -23,7 +23,9 @@ from ..attention_patch.capture import AttentionCapture, TruncatedPass, select_la
 from ..attention_patch.record import AttentionRecord, StepLoss
 from ..subjects import Subjects, chunk_digests, find_chunks
 from . import losses as L
+from . import initno
 from .cast_weights import per_call_weights
+from .initno import InitNOConfig
 from .differentiable import GuidedPassMode, recompute_feedforward
 
 log = logging.getLogger(__name__)
@@ -142,8 +144,8 @@ class GuidanceRun:
         return x * mask + kept * (1.0 - mask)
 
     # --- one guided forward ---
-    def loss(self, x: torch.Tensor, sigma: torch.Tensor):
-        """Differentiable (total [B], terms, maps) at latent x (x must require grad)."""
+    def forward_maps(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Differentiable aggregated maps of the subjects' text at latent x: [B, H*W, T] (x must require grad)."""
         capture = self.capture
         capture.begin_evaluation()
         capture.guided, capture.truncate = True, self.config.truncate_pass
@@ -164,7 +166,12 @@ class GuidanceRun:
         capture.begin_evaluation()
         if aggregated is None:
             raise RuntimeError("the guided pass recorded no cross-attention of the subjects' prompt")
-        own = self.binding.own_tokens(aggregated).float()
+        return self.binding.own_tokens(aggregated).float()
+
+    def loss(self, x: torch.Tensor, sigma: torch.Tensor):
+        """Differentiable (total [B], terms, maps) at latent x (x must require grad)."""
+        capture = self.capture
+        own = self.forward_maps(x, sigma)
         maps = L.subject_attention_maps(own, self.subjects, capture.grid, self.config.temperature,
                                         self.config.exclude_padding)
         context = L.binding_context(own, self.subjects, capture.grid, self.config.temperature,
@@ -498,9 +505,10 @@ class AttentionSampler(comfy.samplers.KSAMPLER):
     """A SAMPLER that records subject attention and, if configured, guides the latent."""
 
     def __init__(self, inner: comfy.samplers.KSAMPLER, subjects: Subjects, config: GuidanceConfig | None = None,
-                 attention_resolution: int = 0, record_maps: bool = True):
+                 attention_resolution: int = 0, record_maps: bool = True, initno: InitNOConfig | None = None):
         super().__init__(inner.sampler_function, inner.extra_options, inner.inpaint_options)
         self.subjects = subjects
+        self.initno = initno
         self.config = config or GuidanceConfig(loss_weights={})
         self.attention_resolution = attention_resolution
         self.record_maps = record_maps
@@ -535,6 +543,11 @@ class AttentionSampler(comfy.samplers.KSAMPLER):
         else:
             model_k.noise = noise
         model_sampling = model_wrap.inner_model.model_sampling
+        if self.initno is not None:  # a better start: only the noise changes
+            noise = self._initno(model_k, captured_options, layers, capture, binding, record, sigmas, noise,
+                                 latent_image, extra_args.get("seed") or 0, self.max_denoise(model_wrap, sigmas))
+            if not self.inpaint_options.get("random", False):
+                model_k.noise = noise
         x = model_sampling.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
 
         capture.recording = self.record_maps
@@ -563,6 +576,42 @@ class AttentionSampler(comfy.samplers.KSAMPLER):
         x = self.sampler_function(model, x, sigmas, extra_args=extra_args, callback=step_callback,
                                   disable=disable_pbar, **self.extra_options)
         return model_sampling.inverse_noise_scaling(sigmas[-1], x)
+
+
+    def _initno(self, model_k, captured_options, layers, capture, binding, record, sigmas, noise, latent_image,
+                seed, max_denoise) -> torch.Tensor:
+        """InitNO's stage (guidance/initno.py): the initial noise optimised on one conditional pass at sigma_0."""
+        self_capture = initno.SelfAttentionCapture(layers, binding.cond.get("uuid"))
+        config = self.config
+        stage = GuidanceRun(model_k, self_capture.install(captured_options), capture, binding, config, record,
+                            len(sigmas) - 1)
+        model_sampling = model_k.inner_model.inner_model.model_sampling
+
+        def scores(z):
+            x = model_sampling.noise_scaling(sigmas[0], z, latent_image, max_denoise)
+            maps = L.subject_attention_maps(stage.forward_maps(x, sigmas[0]), binding.subjects, capture.grid,
+                                            config.temperature, config.exclude_padding)
+            self_maps = self_capture.take()
+            conflict = initno.conflict_score(self_maps, maps, config.smoothing_sigma) if self_maps is not None \
+                else maps.new_zeros(maps.shape[0])
+            return initno.response_score(maps, config.smoothing_sigma), conflict
+
+        def fresh_noise(round_index):
+            generator = torch.Generator().manual_seed(int(seed) + round_index)
+            return torch.randn(noise.shape, generator=generator).to(noise)
+
+        with torch.inference_mode(False), torch.enable_grad(), per_call_weights(self.inner_model_of(model_k)):
+            result = initno.optimise_noise(scores, noise.detach().clone(), fresh_noise, self.initno)
+        record.initno = {"succeeded": result.succeeded, "response": result.response, "conflict": result.conflict,
+                         "history": result.history}
+        log.info("attention guidance: InitNO %s (response %.3f, conflict %.3f, %d passes)",
+                 "succeeded" if result.succeeded else "kept its best round", result.response, result.conflict,
+                 len(result.history))
+        return result.noise.to(noise)
+
+    @staticmethod
+    def inner_model_of(model_k):
+        return model_k.inner_model.inner_model.diffusion_model
 
 
 def _check_tokens(binding: SubjectBinding) -> None:

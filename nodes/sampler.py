@@ -6,7 +6,7 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..guidance.sampler import AttentionSampler
-from .types import ADVANCED, AttentionMaps, Guidance, Subjects
+from .types import ADVANCED, AttentionMaps, Guidance, InitNO, Subjects
 
 _RESOLUTION_TIP = ("Side of the captured attention maps in latent pixels / downsampling; 0 = Attend-and-Excite's "
                    "choice, 1/4 of the latent (16x16 for SD1.x at 512 px, 32x32 for SDXL at 1024 px).")
@@ -19,6 +19,9 @@ def _common_inputs():
                        tooltip="Losses and schedule from Attention Guidance Losses. Not connected: no guidance, "
                                "the maps are only recorded (the result equals KSampler's)."),
         io.Int.Input("attention_resolution", default=0, min=0, max=256, **ADVANCED, tooltip=_RESOLUTION_TIP),
+        InitNO.Input("initno", optional=True,
+                     tooltip="From Attention InitNO: optimise the starting noise before the first step. Not "
+                             "connected: the noise is used as it is."),
     ]
 
 
@@ -64,14 +67,14 @@ class AttentionKSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
-                subjects, attention_resolution, record_maps, guidance=None) -> io.NodeOutput:
+                subjects, attention_resolution, record_maps, guidance=None, initno=None) -> io.NodeOutput:
         latent = latent_image
         samples_in = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         noise = comfy.sample.prepare_noise(samples_in, seed, latent.get("batch_index"))
         ksampler = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
                                            scheduler=scheduler, denoise=denoise, model_options=model.model_options)
         sampler = AttentionSampler(comfy.samplers.sampler_object(sampler_name), subjects, guidance,
-                                   attention_resolution, record_maps)
+                                   attention_resolution, record_maps, initno)
         callback = latent_preview.prepare_callback(model, steps)
         samples = comfy.sample.sample_custom(model, noise, cfg, sampler, ksampler.sigmas, positive, negative,
                                              samples_in, noise_mask=latent.get("noise_mask"), callback=callback,
@@ -104,9 +107,10 @@ class AttentionSamplerNode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, sampler_name, subjects, attention_resolution, record_maps=False, guidance=None) -> io.NodeOutput:
+    def execute(cls, sampler_name, subjects, attention_resolution, record_maps=False, guidance=None,
+                initno=None) -> io.NodeOutput:
         return io.NodeOutput(AttentionSampler(comfy.samplers.sampler_object(sampler_name), subjects, guidance,
-                                              attention_resolution, record_maps=record_maps))
+                                              attention_resolution, record_maps=record_maps, initno=initno))
 
 
 class AttentionFromSampler(io.ComfyNode):

@@ -1,0 +1,184 @@
+"""InitNO (Guo et al., CVPR 2024): optimise the initial noise before sampling, so that every subject is attended
+and the subjects do not compete for the same pixels, while the noise stays a standard normal sample.
+
+The noise z is reparameterised as z' = z * exp(log_var / 2) + mu (mu, log_var start at 0) and (mu, log_var) are
+optimised with Adam on the joint score of one conditional forward at the first sigma:
+
+- response score  S_res = max_s (1 - max_ij G * A_s)   (cross-attention; Attend-and-Excite's loss, top-1)
+- conflict score  S_con = mean over subject pairs of sum min(M_m, M_n) / sum (M_m + M_n), where M_s is the
+  (smoothed) self-attention row of subject s's peak pixel, reshaped to the map grid. It only counts once every
+  subject responds (S_res <= 0.5), as in the authors' code.
+- after each step, KL(N(mu, exp(log_var)) || N(0, 1)) (mean over elements) is brought below `kl_bound` by extra
+  Adam steps on it alone: the optimised noise stays close to a standard normal draw.
+
+An optimisation succeeds when S_res < tau_response and S_con < tau_conflict. `rounds` restarts from fresh noise
+(seeded: seed + round), each up to `iterations` steps; the first success is kept, else the round with the lowest
+S_res + S_con is optimised again for `final_iterations` steps from its starting noise (the authors' schedule:
+5 rounds of 10, then 50). Followed from the authors' code (xiefan-guo/initno, Apache-2.0): the clean-up term of
+their cross-attention (an Otsu mask of each map kept to the peak's component) is left out; the paper's
+objective has the two scores and the KL term only.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+import comfy.model_patcher
+
+from ..attention_patch.capture import _cond_rows, attention_probabilities, layer_grid, resize_maps
+from . import losses as L
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InitNOConfig:
+    rounds: int = 5
+    iterations: int = 10
+    final_iterations: int = 50
+    learning_rate: float = 1e-2
+    tau_response: float = 0.2
+    tau_conflict: float = 0.3
+    kl_bound: float = 1e-3
+
+
+# ---------------------------------------------------------------- scores (pure)
+
+def response_score(maps: torch.Tensor, smoothing_sigma: float = 0.5) -> torch.Tensor:
+    """S_res = max_s (1 - max_ij G * A_s): [B, S, H, W] -> [B] (Attend-and-Excite's loss)."""
+    return L.attend_and_excite_loss(maps, smoothing_sigma=smoothing_sigma)
+
+
+def peak_self_attention(self_maps: torch.Tensor, maps: torch.Tensor, smoothing_sigma: float = 0.5) -> torch.Tensor:
+    """M_s: the self-attention row of each subject's peak pixel (of its smoothed cross-attention map).
+    self_maps [B, HW, HW], maps [B, S, H, W] -> [B, S, H, W]."""
+    batch, count, height, width = maps.shape
+    peaks = L.smooth(maps, sigma=smoothing_sigma).detach().flatten(2).argmax(dim=-1)  # [B, S]
+    rows = torch.gather(self_maps, 1, peaks[..., None].expand(batch, count, self_maps.shape[-1]))
+    return rows.reshape(batch, count, height, width)
+
+
+def conflict_score(self_maps: torch.Tensor, maps: torch.Tensor, smoothing_sigma: float = 0.5) -> torch.Tensor:
+    """S_con = mean_{m<n} sum min(M_m, M_n) / sum (M_m + M_n) over the smoothed peak self-attention rows: [B]."""
+    rows = L.smooth(peak_self_attention(self_maps, maps, smoothing_sigma), sigma=smoothing_sigma)
+    count = rows.shape[1]
+    pairs = [(m, n) for m in range(count) for n in range(m + 1, count)]
+    if not pairs:
+        return rows.new_zeros(rows.shape[0])
+    overlaps = [torch.minimum(rows[:, m], rows[:, n]).flatten(1).sum(-1)
+                / (rows[:, m] + rows[:, n]).flatten(1).sum(-1).clamp(min=1e-6) for m, n in pairs]
+    return torch.stack(overlaps, dim=1).mean(dim=1)
+
+
+def kl_to_standard_normal(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(log_var)) || N(0, 1)), mean over elements: -1/2 mean(1 + log_var - mu^2 - exp(log_var))."""
+    return -0.5 * torch.mean(1 + log_var - mu ** 2 - log_var.exp())
+
+
+def joint_score(response: torch.Tensor, conflict: torch.Tensor) -> torch.Tensor:
+    """What is minimised: S_res + S_con, the conflict counted only where every subject responds (S_res <= 0.5)."""
+    return response + torch.where(response > 0.5, torch.zeros_like(conflict), conflict)
+
+
+# ---------------------------------------------------------------- self-attention capture (this stage only)
+
+class SelfAttentionCapture:
+    """attn1 replace patches on the captured layers that compute the self-attention explicitly (differentiable)
+    and keep the subjects' cond rows, averaged over heads and layers, on the map grid: [B, HW, HW]."""
+
+    def __init__(self, layers, target_uuid=None):
+        self.layers, self.target_uuid = layers, target_uuid
+        self._downsample = {(layer.key[0], layer.key[1]): layer.downsample for layer in layers}
+        self.maps: list[torch.Tensor] = []
+
+    def __call__(self, q, k, v, extra_options, inner=None):
+        heads = extra_options["n_heads"]
+        probs = attention_probabilities(q, k, heads)  # [B, heads, N, N]
+        rows = _cond_rows(extra_options, q.shape[0], self.target_uuid)
+        if rows is not None:
+            downsample = self._downsample.get(tuple(extra_options.get("block") or ()), self.layers[0].downsample)
+            actual, nominal = layer_grid(extra_options, probs.shape[-1], downsample)
+            if actual == nominal:  # patches that resize the latent (Deep Shrink) change the grid: those steps skip
+                self.maps.append(probs[rows].mean(dim=1))
+        if inner is not None:
+            return inner(q, k, v, extra_options)
+        batch, tokens, _ = v.shape
+        v_heads = v.reshape(batch, tokens, heads, -1).transpose(1, 2).to(probs.dtype)
+        return (probs @ v_heads).transpose(1, 2).reshape(batch, q.shape[1], -1).to(q.dtype)
+
+    def install(self, model_options: dict) -> dict:
+        replaces = model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+        for layer in self.layers:
+            block_name, number, index = layer.key
+            inner = replaces.get(layer.key, replaces.get((block_name, number)))
+            model_options = comfy.model_patcher.set_model_options_patch_replace(
+                model_options, _SelfPatch(self, inner), "attn1", block_name, number, index)
+        return model_options
+
+    def take(self) -> torch.Tensor | None:
+        maps, self.maps = self.maps, []
+        return torch.stack(maps).mean(dim=0).float() if maps else None
+
+
+class _SelfPatch:
+    def __init__(self, capture: SelfAttentionCapture, inner):
+        self.capture, self.inner = capture, inner
+
+    def __call__(self, q, k, v, extra_options):
+        return self.capture(q, k, v, extra_options, self.inner)
+
+
+# ---------------------------------------------------------------- the stage
+
+@dataclass
+class InitNOResult:
+    noise: torch.Tensor
+    succeeded: bool
+    response: float
+    conflict: float
+    history: list[tuple[int, int, float, float]]  # (round, iteration, S_res, S_con)
+
+
+def optimise_noise(scores, noise: torch.Tensor, fresh_noise, config: InitNOConfig) -> InitNOResult:
+    """InitNO's rounds around `scores(z) -> (S_res [B], S_con [B])` (differentiable in z).
+    fresh_noise(round) gives the starting noise of round >= 1 (round 0 starts from `noise`)."""
+    history: list[tuple[int, int, float, float]] = []
+
+    def one_round(start: torch.Tensor, round_index: int, iterations: int):
+        mu = torch.zeros_like(start, requires_grad=True)
+        log_var = torch.zeros_like(start, requires_grad=True)
+        optimizer = torch.optim.Adam([mu, log_var], lr=config.learning_rate, eps=1e-3)
+        response = conflict = None
+        for iteration in range(iterations + 1):
+            response, conflict = scores(start * torch.exp(0.5 * log_var) + mu)
+            history.append((round_index, iteration, float(response.max()), float(conflict.max())))
+            if bool((response < config.tau_response).all() and (conflict < config.tau_conflict).all()):
+                break
+            if iteration == iterations:
+                break
+            optimizer.zero_grad()
+            joint_score(response, conflict).sum().backward()
+            optimizer.step()
+            for _ in range(1000):  # keep the noise a standard normal draw (the authors' loop, capped)
+                kl = kl_to_standard_normal(mu, log_var)
+                if float(kl) <= config.kl_bound:
+                    break
+                optimizer.zero_grad()
+                kl.backward()
+                optimizer.step()
+        optimised = (start * torch.exp(0.5 * log_var) + mu).detach()
+        succeeded = bool((response < config.tau_response).all() and (conflict < config.tau_conflict).all())
+        return optimised, succeeded, float(response.max()), float(conflict.max())
+
+    pool = []
+    for round_index in range(config.rounds):
+        start = noise if round_index == 0 else fresh_noise(round_index)
+        optimised, succeeded, response, conflict = one_round(start, round_index, config.iterations)
+        if succeeded:
+            return InitNOResult(optimised, True, response, conflict, history)
+        pool.append((response + conflict, round_index, start))
+    _score, best_round, start = min(pool, key=lambda entry: entry[:2])
+    optimised, succeeded, response, conflict = one_round(start, best_round, config.final_iterations)
+    return InitNOResult(optimised, succeeded, response, conflict, history)
