@@ -153,7 +153,7 @@ def optimise_noise(scores, noise: torch.Tensor, fresh_noise, config: InitNOConfi
         response = conflict = None
         for iteration in range(iterations + 1):
             response, conflict = scores(start * torch.exp(0.5 * log_var) + mu)
-            history.append((round_index, iteration, float(response.max()), float(conflict.max())))
+            history.append((round_index, iteration, float(response.detach().max()), float(conflict.detach().max())))
             if bool((response < config.tau_response).all() and (conflict < config.tau_conflict).all()):
                 break
             if iteration == iterations:
@@ -170,7 +170,7 @@ def optimise_noise(scores, noise: torch.Tensor, fresh_noise, config: InitNOConfi
                 optimizer.step()
         optimised = (start * torch.exp(0.5 * log_var) + mu).detach()
         succeeded = bool((response < config.tau_response).all() and (conflict < config.tau_conflict).all())
-        return optimised, succeeded, float(response.max()), float(conflict.max())
+        return optimised, succeeded, float(response.detach().max()), float(conflict.detach().max())
 
     pool = []
     for round_index in range(config.rounds):
