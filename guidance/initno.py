@@ -27,7 +27,7 @@ import torch
 
 import comfy.model_patcher
 
-from ..attention_patch.capture import _cond_rows, attention_probabilities, layer_grid, resize_maps
+from ..attention_patch.capture import _cond_rows, attention_probabilities, layer_grid
 from . import losses as L
 
 log = logging.getLogger(__name__)
