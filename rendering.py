@@ -1,11 +1,13 @@
-"""Pictures of attention: heat maps, step timelines, subject overlap and loss plots.
+"""Pictures of attention: heat maps, step timelines, subject overlap, attribute binding and loss plots.
 
 Pure numpy / PIL / torch, no ComfyUI: every function takes plain arrays and returns float32 RGB
 images [H, W, 3] in 0..1 (ComfyUI's IMAGE layout without the batch axis).
 
 Display conventions (what the Attention Map Visualiser documents):
 - every map is normalised to its own min..max after upsampling, so its weakest pixel is the cold end
-  of the colormap and its strongest the hot end; the raw peak value is printed in the caption;
+  of the colormap and its strongest the hot end; the raw peak value is printed in the caption (the
+  binding view's disagreement panel is the exception: it is drawn on a fixed 0..1 scale, so that
+  agreement stays cold);
 - maps are upsampled bilinearly (align_corners=False) to the picture's size;
 - with a picture, the coloured map is blended over it: out = (1 - opacity) * picture + opacity * map;
 - a map may cover only part of the picture (a `coverage` mask, e.g. the rectangle of an area prompt):
@@ -212,15 +214,16 @@ def _detail_size(size: int) -> int:
 
 
 def draw_caption(canvas: Image.Image, title: str, detail: str = "", colormap: str | None = None,
-                 size: int | None = None) -> None:
+                 size: int | None = None, bar_labels: tuple[str, str] = ("min", "max")) -> None:
     """A dark translucent box at the top-left with a title, a smaller detail line and, given a
-    colormap, its colour bar (left = the map's minimum, right = its maximum)."""
+    colormap, its colour bar (left = the map's minimum, right = its maximum; `bar_labels` name the ends)."""
     size = size or label_size(canvas.height, canvas.width)
     big, small = font(size), font(_detail_size(size))
     pad = max(3, size // 4)
     title_w, title_h = text_size(title, big)
     detail_w, detail_h = text_size(detail, small) if detail else (0, 0)
-    bar_w = max(title_w, detail_w, size * 4)
+    low_text, high_text = bar_labels
+    bar_w = max(title_w, detail_w, size * 4, text_size(f"{low_text}  {high_text}", small)[0])
     bar_h = max(4, size // 3) if colormap else 0
     box_w = bar_w + 2 * pad
     box_h = (pad + size + (pad // 2 + _detail_size(size) if detail else 0)
@@ -241,8 +244,8 @@ def draw_caption(canvas: Image.Image, title: str, detail: str = "", colormap: st
         bar = apply_colormap(np.linspace(0, 1, bar_w)[None].repeat(bar_h, 0), colormap)
         overlay.paste(Image.fromarray((bar * 255).astype(np.uint8), "RGB").convert("RGBA"), (pad, y))
         y += bar_h
-        draw.text((pad, y), "min", font=small, fill=(220, 220, 220, 255))
-        draw.text((pad + bar_w - text_size("max", small)[0], y), "max", font=small, fill=(220, 220, 220, 255))
+        draw.text((pad, y), low_text, font=small, fill=(220, 220, 220, 255))
+        draw.text((pad + bar_w - text_size(high_text, small)[0], y), high_text, font=small, fill=(220, 220, 220, 255))
     base = canvas.convert("RGBA")
     base.alpha_composite(overlay)
     canvas.paste(base.convert("RGB"))
@@ -375,6 +378,43 @@ def render_overlap(maps, labels: list[str], picture: np.ndarray | None = None, o
     return _from_pil(base)
 
 
+# ---------------------------------------------------------------- binding (attribute maps beside their nouns)
+
+BINDING_GAP = 4  # dark pixels between the panels of the binding grid
+_GAP_COLOUR = (28, 28, 28)
+
+
+def render_binding(noun_maps, attribute_maps, disagreement, captions, colormap: str,
+                   picture: np.ndarray | None = None, opacity: float = 0.6, long_side: int = 512,
+                   coverage=None) -> np.ndarray:
+    """A grid with one row per noun-attribute pair: the noun's map, the attribute's map and where they disagree.
+
+    noun_maps, attribute_maps: [P, h, w] raw attention, each panel stretched to its own min..max as in
+    render_heatmaps. disagreement: [P, h, w] in 0..1, drawn on that fixed scale (0 = the cold end, not
+    stretched), so a pair whose maps agree stays cold. captions: per pair three (title, detail), for the
+    noun, attribute and disagreement panels. picture / long_side / coverage as in render_heatmaps; every
+    panel has the picture's size (H, W). Returns [P * H + (P - 1) * BINDING_GAP, 3 * W + 2 * BINDING_GAP, 3].
+    """
+    def array(maps):
+        return np.asarray(maps.detach().cpu().float() if isinstance(maps, torch.Tensor) else maps, np.float32)
+
+    noun_maps, attribute_maps, disagreement = array(noun_maps), array(attribute_maps), array(disagreement)
+    pairs = noun_maps.shape[0]
+    size = picture.shape[:2] if picture is not None else display_size(noun_maps.shape[-2:], long_side)
+    mask = coverage_mask(coverage, size)
+    heat = apply_colormap(normalise(upsample(np.concatenate([noun_maps, attribute_maps]), size), mask), colormap)
+    apart = apply_colormap(np.clip(upsample(disagreement, size), 0.0, 1.0), colormap)
+    height, width = size
+    canvas = Image.new("RGB", (3 * width + 2 * BINDING_GAP, pairs * height + (pairs - 1) * BINDING_GAP), _GAP_COLOUR)
+    for row in range(pairs):
+        panels = (heat[row], heat[pairs + row], apart[row])
+        for column, (colour, (title, detail)) in enumerate(zip(panels, captions[row])):
+            panel = _to_pil(blend(colour, picture, opacity, mask))
+            draw_caption(panel, title, detail, colormap, bar_labels=("0", "peak") if column == 2 else ("min", "max"))
+            canvas.paste(panel, (column * (width + BINDING_GAP), row * (height + BINDING_GAP)))
+    return _from_pil(canvas)
+
+
 # ---------------------------------------------------------------- loss plot
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -396,6 +436,23 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     return ticks
 
 
+# The loss plot's legend: the papers' names for the guidance's loss keys (an unknown key is shown with spaces).
+LOSS_LABELS = {
+    "attend_and_excite": "Attend-and-Excite",
+    "segregation": "A-STAR segregation",
+    "retention": "A-STAR retention",
+    "attendance": "Divide & Bind attendance",
+    "divide_and_bind_binding": "Divide & Bind binding",
+    "syngen": "SynGen",
+    "conform": "CONFORM",
+}
+
+
+def loss_label(name: str) -> str:
+    """The legend text of loss term `name`: 'syngen' -> 'SynGen', 'my_new_loss' -> 'my new loss'."""
+    return LOSS_LABELS.get(name, name.replace("_", " "))
+
+
 def _format(value: float) -> str:
     return f"{value:.3g}"
 
@@ -403,8 +460,9 @@ def _format(value: float) -> str:
 def render_loss_plot(losses, batch_index: int = 0, total_steps: int = 0, size: tuple[int, int] = (540, 960),
                      title: str = "") -> np.ndarray:
     """Loss against sampling step for one image of the batch: the weighted total (black, thick), each
-    loss term (coloured), and refinement iterations (orange crosses between a step and the next,
-    in iteration order, joined to the step's first loss by a thin line).
+    loss term (coloured, unweighted; every key of the steps' `terms`, named by `loss_label`), and
+    refinement iterations (violet crosses between a step and the next, in iteration order, joined to
+    the step's first loss by a thin line).
 
     losses: StepLoss-like objects (step, terms {name: [per image]}, total [per image],
     refinement [[per image] per iteration]). Returns [H, W, 3].
@@ -443,7 +501,7 @@ def render_loss_plot(losses, batch_index: int = 0, total_steps: int = 0, size: t
 
     left, right, top, bottom = 78, width - 24, 48, height - 58
     legend = [("total (weighted)", (0, 0, 0))]
-    legend += [(n, _TERM_COLOURS[i % len(_TERM_COLOURS)]) for i, n in enumerate(names)]
+    legend += [(loss_label(n), _TERM_COLOURS[i % len(_TERM_COLOURS)]) for i, n in enumerate(names)]
     if refinements:
         legend.append((f"refinement iteration ({len(refinements)})", _REFINEMENT_COLOUR))
     legend_w = max(text_size(t, small)[0] for t, _ in legend) + 40

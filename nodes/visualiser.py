@@ -1,12 +1,19 @@
-"""Attention Map Visualiser: the recorded subject attention as heat maps, timelines, overlap and loss plots."""
+"""Attention Map Visualiser: the recorded subject attention as heat maps, timelines, overlap, attribute binding
+and loss plots."""
+import dataclasses
+import math
+
 import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
 from .. import rendering
+from ..attention_patch.record import raw_subject_maps
+from ..guidance.losses import jensen_shannon_divergence, spatial_distribution
 from .types import AttentionMaps
 
-MODES = ("step", "average", "timeline", "overlap", "loss plot")
+# new modes go at the end: a saved workflow stores the option itself, and the list's order is the menu's
+MODES = ("step", "average", "timeline", "overlap", "loss plot", "binding")
 _NO_MAPS = ("the ATTENTION input holds no attention maps: enable record_maps on the Attention KSampler "
             "(the Attention Sampler for SamplerCustom records no maps)")
 
@@ -68,6 +75,10 @@ def render(record, mode: str, step: int, colormap: str, opacity: float, batch_in
     if not 0.0 <= opacity <= 1.0:
         raise _prefix(f"opacity must lie in 0..1, got {opacity}")
     labels = list(record.subjects.labels)
+    if mode == "binding" and not record.subjects.attributes:
+        raise _prefix(f"binding needs attributes: the subjects {', '.join(repr(label) for label in labels)} have "
+                      "none. Name subject groups such as 'red car, blue bench' in Attention Text Encode (an entry's "
+                      "last word is the noun, the words before it its attributes)")
 
     if mode == "loss plot":
         if not record.losses:
@@ -114,8 +125,68 @@ def render(record, mode: str, step: int, colormap: str, opacity: float, batch_in
     if mode == "overlap":
         return rendering.render_overlap(maps, labels, picture, opacity, detail=f"{when}; mixed = overlap",
                                         coverage=covered)[None]
+    if mode == "binding":
+        return _render_binding(record, index, batch_index, when, colormap, picture, opacity, covered)[None]
     details = [f"{when}, peak {float(m.max()):.3g}" for m in maps]
     return rendering.render_heatmaps(maps, labels, colormap, picture, opacity, details, coverage=covered)
+
+
+def attribute_maps(record, index: int) -> torch.Tensor:
+    """Raw maps of each attribute (record.subjects.attributes, in order) at recorded entry `index` on the nominal
+    grid: [batch, attributes, H, W] (mean over its tokens), as subject_maps gives the nouns'."""
+    attributes = dataclasses.replace(record.subjects, subjects=tuple(a for _noun, a in record.subjects.attributes))
+    return raw_subject_maps(record.grid_maps(index), attributes, record.resolution)
+
+
+def binding_divergence(noun_maps: torch.Tensor, attribute_maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far each attribute's map is from its noun's.
+
+    Args:
+        noun_maps, attribute_maps: [P, H, W] raw maps, pair p = (noun_maps[p], attribute_maps[p]).
+    Returns:
+        (JSD [P], disagreement [P, H, W]) in float64. Each map is normalised to a distribution over pixels,
+        P_x = A_x / sum_ij A_x (`spatial_distribution`); JSD(P_noun || P_attribute) lies in [0, ln 2] (0: the
+        same distribution, ln 2: disjoint). disagreement = |P_noun - P_attribute| / max(max P_noun, max
+        P_attribute): 0 where the two agree, 1 at most (where one map has the higher peak and the other nothing).
+    """
+    nouns = spatial_distribution(noun_maps.double())
+    attributes = spatial_distribution(attribute_maps.double())
+    divergence = jensen_shannon_divergence(nouns, attributes)
+    peak = torch.maximum(nouns.amax(dim=-1, keepdim=True), attributes.amax(dim=-1, keepdim=True))
+    apart = (nouns - attributes).abs() / peak.clamp(min=1e-300)
+    return divergence, apart.reshape(noun_maps.shape)
+
+
+def _noun_word(subject) -> str:
+    """The noun of a subject group: the last word of its entry ('red car' -> 'car')."""
+    return subject.label.split()[-1] if subject.attributes else subject.label
+
+
+def binding_panels(record, index: int, batch_index: int, when: str = ""):
+    """What binding mode draws at entry `index` for image `batch_index`, one row per record.subjects.attributes:
+    (noun maps [P, H, W], attribute maps [P, H, W], disagreement [P, H, W], JSD [P], captions: per row the
+    (title, detail) of its three panels)."""
+    pairs = record.subjects.attributes
+    nouns = record.subject_maps(index)[batch_index][[noun for noun, _a in pairs]]
+    attributes = attribute_maps(record, index)[batch_index]
+    divergence, apart = binding_divergence(nouns, attributes)
+    when = f"{when}, " if when else ""
+    captions = []
+    for (noun, attribute), noun_map, attribute_map, jsd in zip(pairs, nouns, attributes, divergence.tolist()):
+        word = _noun_word(record.subjects.subjects[noun])
+        captions.append((
+            (word, f"noun, {when}peak {float(noun_map.max()):.3g}"),
+            (attribute.label, f"attribute of {word}, peak {float(attribute_map.max()):.3g}"),
+            (f"{attribute.label} / {word}: JSD {jsd:.3f}",
+             f"|P {word} - P {attribute.label}|; disjoint: JSD {math.log(2):.3f}"),
+        ))
+    return nouns, attributes, apart, divergence, captions
+
+
+def _render_binding(record, index: int, batch_index: int, when: str, colormap: str, picture, opacity: float,
+                    covered) -> np.ndarray:
+    nouns, attributes, apart, _divergence, captions = binding_panels(record, index, batch_index, when)
+    return rendering.render_binding(nouns, attributes, apart, captions, colormap, picture, opacity, coverage=covered)
 
 
 def _entry_note(record, index: int) -> str:
@@ -137,7 +208,8 @@ class AttentionVisualize(io.ComfyNode):
             display_name="Attention Map Visualiser (AttnGuide)",
             category="sampling/attention guidance",
             description="Shows the subjects' recorded cross-attention: a heat map per subject at one step or "
-                        "averaged, a step-by-step timeline, all subjects in one picture, or the guidance losses.",
+                        "averaged, a step-by-step timeline, all subjects in one picture, each attribute beside its "
+                        "noun, or the guidance losses.",
             is_output_node=True,
             inputs=[
                 AttentionMaps.Input("attention", tooltip="ATTENTION from the Attention KSampler (record_maps on)."),
@@ -145,10 +217,12 @@ class AttentionVisualize(io.ComfyNode):
                                tooltip="step: one heat map per subject at `step`. average: the mean over all "
                                        "recorded steps. timeline: rows = subjects, columns = steps (retention). "
                                        "overlap: all subjects in one picture, one colour each (segregation). "
-                                       "loss plot: the guidance losses against the step."),
+                                       "loss plot: the guidance losses against the step. binding: per attribute "
+                                       "of a subject group ('red car'), the noun's map, the attribute's map and "
+                                       "where they differ, with their Jensen-Shannon divergence."),
                 io.Int.Input("step", default=-1, min=-10000, max=10000,
-                             tooltip="For step and overlap: the sampling step (0 = first); negative counts from "
-                                     "the end (-1 = the last recorded step)."),
+                             tooltip="For step, overlap and binding: the sampling step (0 = first); negative counts "
+                                     "from the end (-1 = the last recorded step)."),
                 io.Combo.Input("colormap", options=rendering.colormap_names(), default="turbo",
                                tooltip="Heat colours, cold (low attention) to hot (high). Each map is stretched to "
                                        "its own min..max."),
@@ -162,7 +236,7 @@ class AttentionVisualize(io.ComfyNode):
                                        "latent). Not connected: the maps alone, 512 px."),
             ],
             outputs=[io.Image.Output(tooltip="step/average: one labelled heat map per subject (a batch); "
-                                             "timeline, overlap, loss plot: one picture.")],
+                                             "timeline, overlap, loss plot, binding: one picture.")],
         )
 
     @classmethod

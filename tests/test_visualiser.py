@@ -1,4 +1,5 @@
 """Attention Map Visualiser: hand-made records with known maps, then a real sampler run through ComfyUI."""
+import math
 import os
 
 import numpy as np
@@ -255,6 +256,105 @@ def test_loss_plot_lines_sit_at_their_values():
     assert heights[0] < heights[-1]  # totals decrease with the step: the line goes down (image y grows)
 
 
+# ---------------------------------------------------------------- binding (attributes beside their nouns)
+
+@pytest.fixture(scope="module")
+def groups(sd15):
+    """'red car, blue bench' resolved with the real SD1.5 tokenizer: nouns car and bench, attributes red and blue."""
+    return subjects_mod.resolve_subjects(sd15[1].tokenizer, "a red car and a blue bench", "red car, blue bench")
+
+
+def _group_record(subjects, maps_at, steps=1):
+    """A record whose tokens hold the given maps: maps_at = {word: [SIDE, SIDE] map} for nouns and attributes."""
+    record = AttentionRecord(subjects, (SIDE, SIDE), total_steps=steps)
+    words = {s.label.split()[-1]: s for s in subjects.subjects} | {a.label: a for _n, a in subjects.attributes}
+    for step in range(steps):
+        aggregated = torch.full((1, SIDE * SIDE, 77), 1e-3)
+        for word, word_map in maps_at.items():
+            for position in words[word].token_positions:
+                aggregated[:, :, position] = word_map.flatten() * (step + 1)
+        record.add_maps(step, 14.6 / (step + 1), aggregated)
+    return record
+
+
+def _jsd(a, b):
+    """Jensen-Shannon divergence of two maps as distributions over pixels, in numpy (natural log)."""
+    p = np.asarray(a, np.float64).ravel()
+    q = np.asarray(b, np.float64).ravel()
+    p, q = p / p.sum(), q / q.sum()
+    m = (p + q) / 2
+
+    def kl(x, y):
+        nonzero = x > 0
+        return float((x[nonzero] * np.log(x[nonzero] / y[nonzero])).sum())
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+def test_binding_mode_draws_each_attribute_beside_its_noun(groups):
+    assert [(noun, a.label) for noun, a in groups.attributes] == [(0, "red"), (1, "blue")]
+    car = _blob(11, 4)
+    bench, blue = _blob(4, 12), _blob(12, 12)
+    record = _group_record(groups, {"car": car, "red": car.clone(), "bench": bench, "blue": blue}, steps=2)
+    out = render(record, "binding", -1, "turbo", 1.0, 0)
+    gap = rendering.BINDING_GAP
+    assert out.shape == (1, 2 * 512 + gap, 3 * 512 + 2 * gap, 3) and out.dtype == np.float32
+    picture = torch.rand(1, 96, 128, 3, generator=torch.Generator().manual_seed(0))
+    assert render(record, "binding", 0, "turbo", 0.6, 0, picture).shape == (1, 2 * 96 + gap, 3 * 128 + 2 * gap, 3)
+
+    nouns, attributes, apart, divergence, captions = visualiser.binding_panels(record, 1, 0, "step 1")
+    assert nouns.shape == attributes.shape == apart.shape == (2, SIDE, SIDE)
+    assert torch.allclose(nouns[1], 2 * bench) and torch.allclose(attributes[1], 2 * blue)  # the raw maps
+    # identical maps: JSD 0 and no disagreement anywhere
+    assert divergence[0].item() == 0.0 and not apart[0].any()
+    # different maps: the JSD is the textbook one, printed in the caption; the disagreement is |P - Q| / peak
+    expected = _jsd(bench, blue)
+    assert 0.3 < expected < math.log(2) and divergence[1].item() == pytest.approx(expected, abs=1e-9)
+    assert captions[1][2][0] == f"blue / bench: JSD {expected:.3f}"
+    assert [c[0] for c in captions[0]] == ["car", "red", "red / car: JSD 0.000"]
+    p, q = (m.double().flatten() / m.double().sum() for m in (bench, blue))
+    assert torch.allclose(apart[1].flatten(), (p - q).abs() / torch.maximum(p.max(), q.max()))
+    assert apart[1].max().item() == pytest.approx(1.0, abs=1e-3)
+
+    image = out[0]
+    row, panel = 512 + gap, 512 + gap
+    below = slice(200, 512)  # below the captions
+    # row 0: the noun's and the attribute's panel are the same picture; the disagreement panel is the cold end
+    assert np.array_equal(image[below, :512], image[below, panel:panel + 512])
+    cold = rendering.COLORMAPS["turbo"][0]
+    assert np.abs(image[below, 2 * panel:2 * panel + 512] - cold).max() <= 1 / 255 + 1e-6
+    # row 1: the disagreement is hot at both peaks (each map attends where the other does not), cold far away
+    apart_panel = image[row:row + 512, 2 * panel:2 * panel + 512]
+    for peak in ((4, 12), (12, 12)):
+        y, x = _cell_centre(*peak, 512)
+        assert _lut_positions(apart_panel[int(y), int(x)], "turbo")[0] > 0.95, peak
+    assert _lut_positions(apart_panel[500, 10], "turbo")[0] < 0.02
+
+
+def test_binding_mode_needs_subject_groups():
+    assert visualiser.MODES[:5] == ("step", "average", "timeline", "overlap", "loss plot")  # saved values keep
+    assert visualiser.MODES[-1] == "binding"
+    record = _record([[_blob(8, 8), _blob(4, 4)]], ["cat", "frog"])
+    with pytest.raises(ValueError, match=r"binding needs attributes: the subjects 'cat', 'frog' have none\. Name "
+                                         r"subject groups such as 'red car, blue bench'"):
+        render(record, "binding", 0, "turbo", 0.6, 0)
+
+
+def test_loss_plot_draws_every_term_with_its_papers_name():
+    names = ["attend_and_excite", "divide_and_bind_binding", "syngen", "conform"]
+    values = {"attend_and_excite": 0.8, "divide_and_bind_binding": 0.4, "syngen": -1.5, "conform": 2.0}
+    losses = []
+    for step in range(4):
+        terms = {name: [values[name] * (1 - 0.1 * step)] for name in names}
+        losses.append(StepLoss(step, 14.6 / (step + 1), terms, [sum(v[0] for v in terms.values())]))
+    plot = render(_with_losses(losses), "loss plot", 0, "turbo", 0.6, 0)[0]
+    for index, name in enumerate(names):
+        colour = np.array(rendering._TERM_COLOURS[index])
+        assert (np.abs(plot * 255 - colour).max(-1) < 2).sum() > 150, name  # its line and legend swatch
+    assert [rendering.loss_label(n) for n in names] == ["Attend-and-Excite", "Divide & Bind binding", "SynGen",
+                                                        "CONFORM"]
+    assert rendering.loss_label("some_new_loss") == "some new loss"
+
+
 # ---------------------------------------------------------------- errors
 
 def test_clear_errors():
@@ -340,3 +440,47 @@ def test_real_attention_ksampler_then_visualiser(runner):
         assert len(images) == count and all(i["type"] == "temp" for i in images)
         for item in images:
             assert os.path.isfile(os.path.join(folder_paths.get_temp_directory(), item["subfolder"], item["filename"]))
+
+
+def test_real_binding_run_then_visualiser(runner):
+    """'red car, blue bench' guided with SynGen: the binding view and the loss plot of the real record."""
+    prompt = {
+        "1": {"class_type": "TinyCheckpointLoader", "inputs": {"family": "sd15", "seed": 0}},
+        "2": {"class_type": "AttnGuideTextEncode", "inputs": {"clip": ["1", 1], "text": "a red car and a blue bench",
+                                                              "subjects": "red car, blue bench"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 256, "height": 192, "batch_size": 1}},
+        "5": {"class_type": "AttnGuideGuidance", "inputs": {
+            "attend_and_excite_weight": 1.0, "segregation_weight": 0.0, "retention_weight": 0.0,
+            "attendance_weight": 0.0, "syngen_weight": 1.0, "scale_factor": 20.0, "guidance_start": 0.0,
+            "guidance_end": 0.5, "refinement": "", "max_refinement_steps": 0, "softmax_temperature": 100.0,
+            "exclude_padding": False, "smoothing_sigma": 0.5, "retention_threshold": 0.5, "truncate_pass": True}},
+        "6": {"class_type": "AttnGuideKSampler", "inputs": {
+            "model": ["1", 0], "seed": 3, "steps": 2, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal",
+            "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0,
+            "subjects": ["2", 1], "attention_resolution": 0, "record_maps": True, "guidance": ["5", 0]}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "AttnGuideVisualize", "inputs": {
+            "attention": ["6", 1], "mode": "binding", "step": -1, "colormap": "turbo", "opacity": 0.6,
+            "batch_index": 0, "image": ["7", 0]}},
+        "9": {"class_type": "AttnGuideVisualize", "inputs": {
+            "attention": ["6", 1], "mode": "loss plot", "step": 0, "colormap": "turbo", "opacity": 0.6,
+            "batch_index": 0}},
+        "10": {"class_type": "TestCapture", "inputs": {"label": "binding", "value": ["8", 0]}},
+        "11": {"class_type": "TestCapture", "inputs": {"label": "attention", "value": ["6", 1]}},
+        "12": {"class_type": "TestCapture", "inputs": {"label": "loss", "value": ["9", 0]}},
+    }
+    out = runner.run(prompt)
+    record = out["attention"]
+    assert [a.label for _noun, a in record.subjects.attributes] == ["red", "blue"]
+    assert len(record.losses) == 1 and set(record.losses[0].terms) == {"attend_and_excite", "syngen"}
+    gap = rendering.BINDING_GAP
+    assert out["binding"].shape == (1, 2 * 192 + gap, 3 * 256 + 2 * gap, 3)  # two pairs, panels the picture's size
+    assert out["loss"].shape == (1, 540, 960, 3)
+    # the divergence drawn is that of the record's raw maps at the last step
+    _nouns, _attributes, _apart, divergence, _captions = visualiser.binding_panels(record, 1, 0)
+    grid = record.grid_maps(1)[0].numpy()
+    for (noun, attribute), value in zip(record.subjects.attributes, divergence.tolist()):
+        noun_map = grid[:, list(record.subjects.subjects[noun].token_positions)].mean(-1)
+        attribute_map = grid[:, list(attribute.token_positions)].mean(-1)
+        assert value == pytest.approx(_jsd(noun_map, attribute_map), abs=1e-6)
