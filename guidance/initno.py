@@ -139,12 +139,14 @@ class InitNOResult:
     response: float
     conflict: float
     history: list[tuple[int, int, float, float]]  # (round, iteration, S_res, S_con)
+    kl: float = 0.0  # KL(N(mu, exp(log_var)) || N(0, 1)) of the kept noise's reparameterisation
 
 
 def optimise_noise(scores, noise: torch.Tensor, fresh_noise, config: InitNOConfig) -> InitNOResult:
     """InitNO's rounds around `scores(z) -> (S_res [B], S_con [B])` (differentiable in z).
     fresh_noise(round) gives the starting noise of round >= 1 (round 0 starts from `noise`)."""
     history: list[tuple[int, int, float, float]] = []
+    kl_divergence: list[float] = []
 
     def one_round(start: torch.Tensor, round_index: int, iterations: int):
         mu = torch.zeros_like(start, requires_grad=True)
@@ -170,6 +172,7 @@ def optimise_noise(scores, noise: torch.Tensor, fresh_noise, config: InitNOConfi
                 optimizer.step()
         optimised = (start * torch.exp(0.5 * log_var) + mu).detach()
         succeeded = bool((response < config.tau_response).all() and (conflict < config.tau_conflict).all())
+        kl_divergence.append(float(kl_to_standard_normal(mu, log_var).detach()))
         return optimised, succeeded, float(response.detach().max()), float(conflict.detach().max())
 
     pool = []
@@ -177,8 +180,8 @@ def optimise_noise(scores, noise: torch.Tensor, fresh_noise, config: InitNOConfi
         start = noise if round_index == 0 else fresh_noise(round_index)
         optimised, succeeded, response, conflict = one_round(start, round_index, config.iterations)
         if succeeded:
-            return InitNOResult(optimised, True, response, conflict, history)
+            return InitNOResult(optimised, True, response, conflict, history, kl_divergence[-1])
         pool.append((response + conflict, round_index, start))
     _score, best_round, start = min(pool, key=lambda entry: entry[:2])
     optimised, succeeded, response, conflict = one_round(start, best_round, config.final_iterations)
-    return InitNOResult(optimised, succeeded, response, conflict, history)
+    return InitNOResult(optimised, succeeded, response, conflict, history, kl_divergence[-1])

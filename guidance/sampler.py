@@ -603,7 +603,7 @@ class AttentionSampler(comfy.samplers.KSAMPLER):
         with torch.inference_mode(False), torch.enable_grad(), per_call_weights(self.inner_model_of(model_k)):
             result = initno.optimise_noise(scores, noise.detach().clone(), fresh_noise, self.initno)
         record.initno = {"succeeded": result.succeeded, "response": result.response, "conflict": result.conflict,
-                         "history": result.history}
+                         "kl": result.kl, "history": result.history}
         log.info("attention guidance: InitNO %s (response %.3f, conflict %.3f, %d passes)",
                  "succeeded" if result.succeeded else "kept its best round", result.response, result.conflict,
                  len(result.history))

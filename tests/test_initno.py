@@ -82,6 +82,7 @@ def test_stage_lowers_its_scores_keeps_the_noise_standard_and_is_reproducible(sd
     assert first_round[-1][2] < first_round[0][2]  # the response score falls over the iterations
     noise = optimised[0]
     assert abs(float(noise.mean())) < 0.15 and 0.85 < float(noise.std()) < 1.15
+    assert 0.0 <= record.initno["kl"] <= CONFIG.kl_bound  # the reparameterisation stays near N(0, 1)
     assert len(history) >= CONFIG.rounds * 2
 
 
