@@ -165,7 +165,7 @@ def optimise_noise(scores, noise: torch.Tensor, fresh_noise, config: InitNOConfi
             optimizer.step()
             for _ in range(1000):  # keep the noise a standard normal draw (the authors' loop, capped)
                 kl = kl_to_standard_normal(mu, log_var)
-                if float(kl) <= config.kl_bound:
+                if float(kl.detach()) <= config.kl_bound:
                     break
                 optimizer.zero_grad()
                 kl.backward()
