@@ -96,7 +96,16 @@ def validate_config(config: GuidanceConfig, subjects: Subjects) -> list[str]:
         elif weight and spec.needs_attributes and not subjects.attributes:
             warnings.append(f"loss '{name}' binds attributes to their nouns and no subject has one (write subject "
                             "groups, e.g. 'red car, blue bench': the last word is the noun): it is skipped")
+    if config.enabled and not active_losses(config, subjects):
+        warnings.append("every weighted loss is skipped for these subjects: nothing is guided")
     return warnings
+
+
+def active_losses(config: GuidanceConfig, subjects: Subjects) -> list[str]:
+    """The weighted losses that apply to these subjects (enough subjects; attributes where a loss binds them)."""
+    return [name for name, weight in config.loss_weights.items()
+            if weight and len(subjects) >= L.LOSSES[name].min_subjects
+            and (subjects.attributes or not L.LOSSES[name].needs_attributes)]
 
 
 def input_scale(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
@@ -551,8 +560,9 @@ class AttentionSampler(comfy.samplers.KSAMPLER):
         x = model_sampling.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
 
         capture.recording = self.record_maps
-        guided = [i for i in self.config.guided_steps(total_steps) if i < total_steps] if self.config.enabled else []
-        if self.config.enabled and not guided:
+        enabled = self.config.enabled and bool(active_losses(self.config, self.subjects))
+        guided = [i for i in self.config.guided_steps(total_steps) if i < total_steps] if enabled else []
+        if enabled and not guided:
             log.warning("attention guidance: the guided range [%s, %s) covers no step of the %d-step schedule: "
                         "nothing is guided", self.config.guidance_start, self.config.guidance_end, total_steps)
         inactive = [i for i in guided if not binding.active(float(sigmas[i]))]

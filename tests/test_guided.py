@@ -99,6 +99,18 @@ def test_binding_loss_without_attributes_is_skipped_with_a_warning(sd15, caplog)
     assert "binds attributes" in caplog.text and "syngen" not in record.losses[0].terms
 
 
+@pytest.mark.parametrize("weights", [{"syngen": 1.0}, {"conform": 1.0, "segregation": 1.0}])
+def test_every_loss_skipped_means_nothing_is_guided(sd15, caplog, weights):
+    """No applicable loss (no attributes; one subject for segregation): a warning, and the plain sampler's result."""
+    model, clip = sd15
+    config = GuidanceConfig(loss_weights=weights, refinement=())
+    with caplog.at_level(logging.WARNING):
+        latent, record = _run(model, clip, config, steps=4, subject_spec="cat")
+    plain, _record = _run(model, clip, GuidanceConfig(loss_weights={}), steps=4, subject_spec="cat")
+    assert "nothing is guided" in caplog.text and record.losses == []
+    assert torch.equal(latent, plain)
+
+
 def test_refinement_iterates_and_is_recorded(sd15):
     model, clip = sd15
     config = GuidanceConfig(refinement=((0.0, 0.9),), max_refinement_steps=3, guidance_end=0.25)
