@@ -156,10 +156,33 @@ def test_sampler_custom_example_runs(runner, host_dirs):
     assert [p.name for p in saved_pngs(host_dirs / "output")] == ["sampler_custom_00001_.png"]
 
 
+def test_binding_example_runs(runner, host_dirs):
+    out = runner.run(tiny_prompt("binding_sd15", "sd15"))
+    assert out["image"].shape == (1, SIZE, SIZE, 3)
+    record = out["attention"]
+    # subject groups: the nouns are the subjects, each with its colour as attribute
+    assert record.subjects.labels == ["red car", "blue bench"]
+    assert [(owner, attribute.label) for owner, attribute in record.subjects.attributes] == [(0, "red"), (1, "blue")]
+    # A&E's schedule (steps 0, 1 of 4, refinement capped), both losses on every guided step
+    assert [entry.step for entry in record.losses] == [0, 1]
+    assert all(set(entry.terms) == {"attend_and_excite", "syngen"} for entry in record.losses)
+    assert all(0 < len(entry.refinement) <= MAX_REFINEMENT for entry in record.losses)
+    for entry in record.losses:  # total = 1.0 * A&E + 1.0 * SynGen
+        assert entry.total[0] == pytest.approx(entry.terms["attend_and_excite"][0] + entry.terms["syngen"][0],
+                                               rel=1e-5, abs=1e-6)
+    assert out["visual:average"].shape == (2, SIZE, SIZE, 3)
+    assert out["visual:loss plot"].shape[0] == 1 and out["visual:loss plot"].shape[-1] == 3
+    # the binding view: one picture, a row of three panels (noun, attribute, where they differ) per attribute
+    count, height, width, channels = out["visual:binding"].shape
+    assert (count, channels) == (1, 3) and width > height  # two rows of three
+    (png,) = saved_pngs(host_dirs / "output")
+    assert png.parent.name == "AttnGuide" and png.name.startswith("binding")
+
+
 # ---------------------------------------------------------------- the examples, as files
 
 ALL_EXAMPLES = ["attend_and_excite_sd15", "astar_sdxl", "attend_and_excite_controlnet_sd15",
-                "attend_and_excite_sampler_custom_sd15"]
+                "attend_and_excite_sampler_custom_sd15", "binding_sd15"]
 
 
 def test_every_example_is_tested():
@@ -210,6 +233,25 @@ def test_astar_example_settings():
             guidance["guidance_end"], guidance["refinement"]) == (0.0, 1.0, 1.0, 1.0, "")
     assert by_type["EmptyLatentImage"]["width"] == by_type["EmptyLatentImage"]["height"] == 1024
     assert by_type["CheckpointLoaderSimple"]["ckpt_name"] == "sd_xl_base_1.0.safetensors"
+
+
+def test_binding_example_settings():
+    """The binding weights are optional inputs after the node's others (retention_mask last); the editor saves
+    widget values by position, so this also checks that each value lands on its name."""
+    prompt = convert.to_api(load("binding_sd15"))
+    by_type = {node["class_type"]: node["inputs"] for node in prompt.values()}
+    assert by_type["AttnGuideTextEncode"] == {"text": "a red car and a blue bench", "subjects": "red car, blue bench",
+                                              "clip": ["1", 1]}
+    guidance = by_type["AttnGuideGuidance"]
+    weights = {name: value for name, value in guidance.items() if name.endswith("_weight")}
+    assert weights == {"attend_and_excite_weight": 1.0, "segregation_weight": 0.0, "retention_weight": 0.0,
+                       "attendance_weight": 0.0, "divide_and_bind_binding_weight": 0.0, "syngen_weight": 1.0,
+                       "conform_weight": 0.0}
+    assert (guidance["scale_factor"], guidance["guidance_end"], guidance["max_refinement_steps"],
+            guidance["recompute_feedforward"], guidance["retention_mask"]) == (20.0, 0.5, 20, True, "half_max")
+    assert by_type["CheckpointLoaderSimple"]["ckpt_name"] == "v1-5-pruned-emaonly.safetensors"
+    assert by_type["EmptyLatentImage"] == {"width": 512, "height": 512, "batch_size": 1}
+    assert (by_type["AttnGuideKSampler"]["steps"], by_type["AttnGuideKSampler"]["cfg"]) == (50, 7.5)
 
 
 def test_controlnet_example_skips_the_upload_value():
