@@ -146,7 +146,7 @@ def test_streamed_weights_in_a_reused_buffer(families, fp32_saved, monkeypatch):
     assert _saved_bytes(model, clip, _config()) <= 1.05 * fp32_saved[family]
 
 
-@pytest.mark.parametrize("name", ["fp16", "fp8_e4m3fn"])
+@pytest.mark.parametrize("name", list(FORMATS))
 def test_unguided_sampling_on_cast_weights_equals_ksampler(families, name):
     clip = families["sd15"][1]
     model = _loaded("sd15", FORMATS[name], torch.float32)
