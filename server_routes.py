@@ -11,12 +11,20 @@ Response: {"chunk_length": 77, "num_tokens": 77,
                {"position": 0, "text": "<|startoftext|>", "special": true, "kind": "start"},
                {"position": 2, "text": "cat", "special": false, "kind": "word", "word": "cat",
                 "word_positions": [2], "pick": "cat"}, ...]}],
-           "subjects": [{"entry": "cat", "positions": [2], "error": null}]}
+           "subjects": [{"entry": "cat", "positions": [2], "noun": {"word": "cat", "positions": [2]},
+                         "attributes": [], "error": null}]}
 
 Positions are global (chunk * 77 + position in chunk), as in `subjects.py`. `kind` is one of start,
 word, embedding, end, padding; only word and embedding tokens are clickable. `pick` is what a click
 adds to `subjects`: the word itself when the node would resolve that word to these very tokens (its
 first occurrence), otherwise the token's index.
+
+Each `subjects` entry is resolved as the node resolves it. A subject group ("red car": noun "car", the
+words before it its attributes) reports its noun and each attribute, in the entry's order:
+    {"entry": "red car", "positions": [3], "noun": {"word": "car", "positions": [3]},
+     "attributes": [{"word": "red", "positions": [2]}], "error": null}
+`positions` is the noun's (what the neglect losses read), as before groups existed; an entry that does not
+resolve has `positions` [], `noun` null, `attributes` [] and the node's message in `error`.
 """
 from __future__ import annotations
 
@@ -138,6 +146,19 @@ def _pick(tokenizer, occurrences: _FirstOccurrence, word: str, positions: list[i
     return word if cache[word] == positions else str(positions[0])  # a later occurrence: only its index
 
 
+def _resolve_entry(tokenizer, text: str, entry: str) -> dict:
+    """One `subjects` entry as the node resolves it: the noun's positions and each attribute's."""
+    try:
+        subject = subjects.resolve_subjects(tokenizer, text, entry).subjects[0]
+    except subjects.SubjectError as error:
+        return {"entry": entry, "positions": [], "noun": None, "attributes": [], "error": str(error)}
+    noun = subject.label if re.fullmatch(r"\d+", entry) else entry.split()[-1]  # an index: its token's text
+    return {"entry": entry, "positions": list(subject.token_positions),
+            "noun": {"word": noun, "positions": list(subject.token_positions)},
+            "attributes": [{"word": a.label, "positions": list(a.token_positions)} for a in subject.attributes],
+            "error": None}
+
+
 def tokenize_response(text: str, spec: str = "", tokenizer=None) -> dict:
     """The route's JSON answer for a prompt and the current `subjects` value."""
     tokenizer = tokenizer if tokenizer is not None else shipped_tokenizer()
@@ -167,13 +188,7 @@ def tokenize_response(text: str, spec: str = "", tokenizer=None) -> dict:
             for p in group:
                 tokens[p].update(word=word, word_positions=positions, pick=pick)
         chunks.append({"index": chunk_index, "end_position": base + end, "tokens": tokens})
-    resolved = []
-    for entry in subjects.parse_subject_spec(spec):
-        try:
-            subject = subjects.resolve_subjects(tokenizer, text, entry).subjects[0]
-            resolved.append({"entry": entry, "positions": list(subject.token_positions), "error": None})
-        except subjects.SubjectError as error:
-            resolved.append({"entry": entry, "positions": [], "error": str(error)})
+    resolved = [_resolve_entry(tokenizer, text, entry) for entry in subjects.parse_subject_spec(spec)]
     return {"chunk_length": chunk_length, "num_tokens": chunk_length * len(chunks), "chunks": chunks,
             "subjects": resolved}
 

@@ -2,9 +2,11 @@
 //
 // Shows the prompt's CLIP tokens as the encoder sees them (the pack's POST /attn_guide/tokenize, which
 // tokenizes with ComfyUI's shipped tokenizer) and lets the user click words into the `subjects`
-// widget. The choice lives in `subjects`, so it is saved in the workflow and survives a reload; the
-// picker itself saves nothing. Built with addDOMWidget, so the classic canvas and the Vue node
-// renderer ("Nodes 2.0") both show it.
+// widget: a click makes a word a subject (a noun); shift+click, or the "+ attribute" button, attaches
+// the word to a noun as its attribute, so that "red" attached to "car" writes the entry "red car". The
+// choice lives in `subjects`, so it is saved in the workflow and survives a reload; the picker itself
+// saves nothing. Built with addDOMWidget, so the classic canvas and the Vue node renderer ("Nodes 2.0")
+// both show it.
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
@@ -14,22 +16,82 @@ const ROUTE = "/attn_guide/tokenize";
 const TYPING_DELAY_MS = 250;
 const MIN_HEIGHT = 80;    // px the picker asks of the node at least
 const MAX_HEIGHT = 260;   // px it grows to with a long prompt; beyond, it scrolls
+const CHROME = 10;        // px of the picker's own padding and border around its content
+const ROOM_GAP = 20;      // graph px left between the grown node and a node it moves down
+const SETTLE_FRAMES = 8;  // frames to wait for the Vue renderer to resize the node
 // One colour per subject, in the order of the `subjects` widget (wraps after eight).
 const SUBJECT_COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324"];
 const SPECIAL_LABELS = { start: "SOT", end: "EOT", padding: "pad" };
+const INDEX = /^\d+$/;
 
 // Same split as subjects.parse_subject_spec: commas, semicolons and newlines; empty entries dropped.
 export function parseSubjects(spec) {
   return String(spec ?? "").split(/[,;\n]/).map((s) => s.trim()).filter((s) => s.length > 0);
 }
 
-// The new `subjects` value after a click on the token at `position`: entries that already cover it are
-// removed; otherwise the token's `pick` (its word, or its index for a repeated word) is appended.
+// What covers the token at `position` in the route's resolved `subjects`: [{index, role, attribute}],
+// role "noun" or "attribute" (attribute: its index among the entry's attributes).
+export function coverage(resolved, position) {
+  const found = [];
+  resolved.forEach((s, index) => {
+    if (s.error) return;
+    if ((s.noun?.positions ?? s.positions).includes(position)) found.push({ index, role: "noun" });
+    (s.attributes ?? []).forEach((a, attribute) => {
+      if (a.positions.includes(position)) found.push({ index, role: "attribute", attribute });
+    });
+  });
+  return found;
+}
+
+// The new `subjects` value after a click on the token at `position`: a noun's entry is removed, an
+// attribute is taken off its noun ("red car" -> "car"); otherwise the token's `pick` (its word, or its
+// index for a repeated word) is appended as a new subject.
 export function toggleSubject(spec, resolved, position, pick) {
   const entries = parseSubjects(spec);
-  const covering = new Set(resolved.filter((s) => s.positions.includes(position)).map((s) => s.entry));
-  if (covering.size > 0) return entries.filter((e) => !covering.has(e)).join(", ");
-  return [...entries, pick].join(", ");
+  const covering = coverage(resolved, position);
+  if (covering.length === 0) return [...entries, pick].join(", ");
+  const nouns = new Set(covering.filter((c) => c.role === "noun").map((c) => c.index));
+  const next = entries.map((entry, index) => {
+    if (nouns.has(index)) return null;
+    const dropped = new Set(covering.filter((c) => c.index === index && c.role === "attribute")
+      .map((c) => c.attribute));
+    if (dropped.size === 0) return entry;
+    const words = entry.split(/\s+/);
+    return [...words.slice(0, -1).filter((_w, i) => !dropped.has(i)), words[words.length - 1]].join(" ");
+  });
+  return next.filter((e) => e !== null).join(", ");
+}
+
+// The new `subjects` value ({spec}) after attaching the word `pick` (at `position`) to the noun of entry
+// `index`: the entry's words in the prompt's order, the noun last ("car" + "red" -> "red car"). A word
+// that is this noun's attribute already is taken off it; one that is another noun's moves here. {error}
+// where an entry cannot say it: the noun given by index, a word picked by index (a repeated word, whose
+// first occurrence is elsewhere), or a word that is a subject's noun.
+export function attachAttribute(spec, resolved, index, position, pick) {
+  let entries = parseSubjects(spec);
+  const target = resolved[index];
+  if (!target || target.error || index >= entries.length) return { error: "that subject is gone" };
+  const noun = target.noun?.word ?? target.entry;
+  if (INDEX.test(entries[index])) {
+    return { error: `"${noun}" is given by its index (${entries[index]}): an attribute needs the noun as a word` };
+  }
+  if (INDEX.test(pick)) {
+    return { error: `this word is named by its index (${pick}), as it occurs earlier in the prompt: an attribute ` +
+      `must be the word's first occurrence` };
+  }
+  const covering = coverage(resolved, position);
+  if (covering.some((c) => c.role === "noun")) {
+    return { error: `"${pick}" is a subject of its own: click it to remove it first` };
+  }
+  if (covering.some((c) => c.index === index)) return { spec: toggleSubject(spec, resolved, position, pick) };
+  if (covering.length) entries = parseSubjects(toggleSubject(spec, resolved, position, pick));  // off the other noun
+  const words = entries[index].split(/\s+/);
+  const attributes = words.slice(0, -1).map((word, i) => ({ word, at: target.attributes?.[i]?.positions[0] ?? -1 }));
+  attributes.push({ word: pick, at: position });
+  attributes.sort((a, b) => a.at - b.at);
+  const next = [...entries];
+  next[index] = [...attributes.map((a) => a.word), words[words.length - 1]].join(" ");
+  return { spec: next.join(", ") };
 }
 
 function injectStyle() {
@@ -38,26 +100,41 @@ function injectStyle() {
   style.id = "attn-guide-token-picker-style";
   style.textContent = `
 .attn-guide-token-picker { box-sizing: border-box; width: 100%; height: 100%; max-height: ${MAX_HEIGHT}px; overflow-y: auto;
-  padding: 4px; border-radius: 6px; font: 12px/1.2 sans-serif; color: var(--input-text, #ddd);
+  overflow-x: hidden; padding: 4px; border-radius: 6px; font: 12px/1.2 sans-serif; color: var(--input-text, #ddd);
   background: var(--comfy-input-bg, #222); border: 1px solid var(--border-color, #444); }
-.attn-guide-token-picker .agtp-status { color: var(--descrip-text, #999); margin: 0 2px 4px; }
+.attn-guide-token-picker .agtp-content { min-width: 0; }
+.attn-guide-token-picker .agtp-status { color: var(--descrip-text, #999); margin: 0 2px 3px; overflow-wrap: anywhere; }
 .attn-guide-token-picker .agtp-error { color: var(--error-text, #ff6b6b); margin: 2px; overflow: hidden;
   display: -webkit-box; -webkit-box-orient: vertical; -webkit-line-clamp: 2; }
+.attn-guide-token-picker .agtp-tools { display: flex; flex-wrap: wrap; gap: 4px; align-items: center; margin: 0 2px 3px;
+  color: var(--descrip-text, #999); font-size: 11px; }
+.attn-guide-token-picker .agtp-tools button, .attn-guide-token-picker .agtp-tools select { font: inherit; color: inherit;
+  padding: 0 4px; border-radius: 4px; border: 1px solid var(--border-color, #555); background: var(--comfy-menu-bg, #333);
+  cursor: pointer; max-width: 100%; }
+.attn-guide-token-picker .agtp-tools button[aria-pressed=true] { color: #fff; border-color: var(--p-primary-color, #8ab4f8);
+  background: var(--p-primary-color, #3b6fd8); }
 .attn-guide-token-picker .agtp-chunk { display: flex; flex-wrap: wrap; gap: 3px; align-items: flex-start;
   padding: 3px 0; }
 .attn-guide-token-picker .agtp-chunk + .agtp-chunk { border-top: 2px dashed var(--border-color, #555); }
 .attn-guide-token-picker .agtp-chunk-label { flex-basis: 100%; color: var(--descrip-text, #999); font-size: 10px; }
-.attn-guide-token-picker .agtp-word { display: inline-flex; gap: 1px; }
+.attn-guide-token-picker .agtp-word { display: inline-flex; flex-wrap: wrap; gap: 1px; max-width: 100%; }
 .attn-guide-token-picker .agtp-token { display: inline-flex; flex-direction: column; align-items: center;
   min-width: 14px; padding: 1px 4px; border-radius: 4px; border: 1px solid var(--border-color, #555);
-  background: var(--comfy-menu-bg, #333); color: inherit; font: inherit; cursor: pointer; }
+  background: var(--comfy-menu-bg, #333); color: inherit; font: inherit; cursor: pointer; overflow-wrap: anywhere; }
 .attn-guide-token-picker .agtp-word > .agtp-token:not(:first-child) { border-top-left-radius: 0;
   border-bottom-left-radius: 0; }
 .attn-guide-token-picker .agtp-word > .agtp-token:not(:last-child) { border-top-right-radius: 0;
   border-bottom-right-radius: 0; }
 .attn-guide-token-picker .agtp-word:hover > .agtp-token { border-color: var(--p-primary-color, #8ab4f8); }
-.attn-guide-token-picker .agtp-token sub { font-size: 9px; opacity: 0.6; line-height: 1; }
+.attn-guide-token-picker .agtp-token sub { font-size: 9px; opacity: 0.6; line-height: 1; white-space: nowrap; }
+.attn-guide-token-picker .agtp-token .agtp-role { font-size: 8px; font-weight: bold; letter-spacing: 0.02em;
+  text-transform: uppercase; margin-left: 2px; }
 .attn-guide-token-picker .agtp-token.agtp-selected { color: #fff; border-color: #fff; }
+.attn-guide-token-picker .agtp-token.agtp-selected sub { opacity: 0.85; }
+.attn-guide-token-picker .agtp-token.agtp-attribute { border-style: dashed; border-width: 1px; }
+.attn-guide-token-picker .agtp-token.agtp-attribute sub { opacity: 0.85; }
+.attn-guide-token-picker .agtp-token.agtp-target { box-shadow: 0 0 0 2px var(--p-primary-color, #8ab4f8); }
+.attn-guide-token-picker.agtp-armed .agtp-token:not(.agtp-special) { cursor: copy; }
 .attn-guide-token-picker .agtp-token.agtp-special { cursor: default; opacity: 0.45; border-style: dashed; }
 `;
   document.head.appendChild(style);
@@ -68,6 +145,40 @@ function element(tag, className, text) {
   if (className) el.className = className;
   if (text !== undefined) el.textContent = text;
   return el;
+}
+
+// A node's box in graph coordinates, its title included.
+function nodeBox(node) {
+  const title = globalThis.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
+  const collapsed = node.flags?.collapsed;
+  const width = collapsed ? (node._collapsed_width ?? node.size[0]) : node.size[0];
+  return { x: node.pos[0], top: node.pos[1] - title, width, bottom: node.pos[1] + (collapsed ? 0 : node.size[1]) };
+}
+
+const overlapsX = (a, b) => a.x < b.x + b.width && b.x < a.x + a.width;
+
+// Moves down the nodes that the grown `node` now covers below `from` (graph y of the picker's top edge),
+// so that its tokens are not drawn under them, and those nodes' own neighbours below as far as needed:
+// a node keeps its distance to the one above it up to ROOM_GAP, a larger distance absorbs the push.
+// Nodes beside the node, above the picker, or pinned stay where they are.
+function makeRoom(node, from) {
+  const others = (node.graph?._nodes ?? node.graph?.nodes ?? []).filter((n) => n !== node && !n.flags?.pinned);
+  const grown = nodeBox(node);
+  const pushers = [{ ...grown, from, need: () => grown.bottom + ROOM_GAP }];
+  let moved = false;
+  for (const other of others.map((n) => ({ node: n, box: nodeBox(n) })).sort((a, b) => a.box.top - b.box.top)) {
+    const { box } = other;
+    let shift = 0;
+    for (const p of pushers) {
+      if (overlapsX(p, box) && box.top >= p.from) shift = Math.max(shift, p.need(box.top) - box.top);
+    }
+    if (shift < 0.5) continue;
+    other.node.pos = [other.node.pos[0], other.node.pos[1] + shift];  // assigned, so the Vue renderer sees it
+    moved = true;
+    const bottom = box.bottom + shift;
+    pushers.push({ ...box, from: box.bottom, need: (top) => bottom + Math.min(top - box.bottom, ROOM_GAP) });
+  }
+  if (moved) node.graph?.setDirtyCanvas?.(true, true);
 }
 
 class TokenPicker {
@@ -81,13 +192,21 @@ class TokenPicker {
     this.request = 0;     // id of the newest request; older answers are dropped
     this.shown = null;    // the {text, subjects} the current rendering answers
     this.answer = null;
+    this.target = null;   // first token position of the noun that shift+click attaches to
+    this.armed = false;   // "+ attribute" pressed: the next click attaches to the target noun
+    this.notice = null;   // why the last click did nothing, until the next change
+    this.settling = 0;    // frames waited for the node to take its new height
     this.content.append(element("div", "agtp-status", "Tokenizing…"));
     // Clicks choose tokens: they must not start a node drag or a canvas pan.
-    this.root.addEventListener("pointerdown", (e) => { if (e.target.closest("button")) e.stopPropagation(); });
+    this.root.addEventListener("pointerdown", (e) => { if (e.target.closest("button, select")) e.stopPropagation(); });
     this.root.addEventListener("click", (e) => this.onClick(e));
+    this.root.addEventListener("change", (e) => this.onChange(e));
     this.root.addEventListener("wheel", (e) => {
       if (this.root.scrollHeight > this.root.clientHeight) e.stopPropagation();
     }, { passive: true });
+    // The chips wrap to the node's width; when they need more rows, the node grows (and makes room).
+    this.observer = new ResizeObserver(() => this.settle());
+    this.observer.observe(this.content);
   }
 
   widget(name) {
@@ -105,6 +224,7 @@ class TokenPicker {
 
   dispose() {
     clearTimeout(this.timer);
+    this.observer.disconnect();
     this.request += 1;
   }
 
@@ -126,24 +246,72 @@ class TokenPicker {
       return;
     }
     if (id !== this.request) return;
+    if (this.shown?.text !== values.text) this.notice = null;
     this.shown = values;
     this.answer = answer;
     this.render();
   }
 
+  setSubjects(next) {
+    const subjects = this.widget("subjects");
+    if (!subjects) return;
+    subjects.value = next;
+    subjects.callback?.(next);
+    this.node.setDirtyCanvas?.(true, true);
+    this.schedule(0);
+  }
+
   onClick(event) {
+    if (event.target.closest("button[data-action=attach]")) {
+      event.preventDefault();
+      event.stopPropagation();
+      this.armed = !this.armed;
+      this.notice = null;
+      if (this.answer) this.render();
+      return;
+    }
     const button = event.target.closest("button[data-position]");
     if (!button || !this.answer) return;
     event.preventDefault();
     event.stopPropagation();
     const subjects = this.widget("subjects");
     if (!subjects) return;
-    const next = toggleSubject(subjects.value, this.answer.subjects, Number(button.dataset.position),
-      button.dataset.pick);
-    subjects.value = next;
-    subjects.callback?.(next);
-    this.node.setDirtyCanvas?.(true, true);
-    this.schedule(0);
+    const position = Number(button.dataset.position);
+    const { pick } = button.dataset;
+    const target = this.targetIndex();
+    const attach = (event.shiftKey || this.armed) && target !== null;
+    this.armed = false;
+    this.notice = null;
+    if (attach) {
+      const result = attachAttribute(subjects.value, this.answer.subjects, target, position, pick);
+      if (result.error) {
+        this.notice = `Cannot attach: ${result.error}.`;
+        this.render();
+        return;
+      }
+      this.setSubjects(result.spec);
+      return;
+    }
+    const next = toggleSubject(subjects.value, this.answer.subjects, position, pick);
+    if (coverage(this.answer.subjects, position).length === 0) this.target = Number(button.dataset.word);
+    this.setSubjects(next);
+  }
+
+  onChange(event) {
+    if (!event.target.matches("select[data-action=target]")) return;
+    event.stopPropagation();
+    this.target = Number(event.target.value);
+    this.render();
+  }
+
+  // Index in the resolved subjects of the noun that attributes attach to: the one last added or chosen,
+  // else the last subject; null when there is none.
+  targetIndex() {
+    const subjects = this.answer?.subjects ?? [];
+    const index = subjects.findIndex((s) => !s.error && s.noun?.positions[0] === this.target);
+    if (index >= 0) return index;
+    for (let i = subjects.length - 1; i >= 0; i--) if (!subjects[i].error) return i;
+    return null;
   }
 
   renderError(message) {
@@ -152,10 +320,17 @@ class TokenPicker {
 
   render() {
     const { chunks, subjects } = this.answer;
-    const colorOf = new Map();  // position -> colour of the first subject covering it
-    subjects.forEach((s, i) => s.positions.forEach((p) => {
-      if (!colorOf.has(p)) colorOf.set(p, SUBJECT_COLORS[i % SUBJECT_COLORS.length]);
-    }));
+    const roles = new Map();  // position -> {index, role} of the first subject covering it
+    subjects.forEach((s, index) => {
+      if (s.error) return;
+      for (const p of s.noun?.positions ?? s.positions) if (!roles.has(p)) roles.set(p, { index, role: "noun" });
+      for (const a of s.attributes ?? []) {
+        for (const p of a.positions) if (!roles.has(p)) roles.set(p, { index, role: "attribute", noun: s.noun?.word });
+      }
+    });
+    const target = this.targetIndex();
+    if (target === null) this.armed = false;
+    this.root.classList.toggle("agtp-armed", this.armed);
     const content = chunks.reduce((n, c) => n + c.tokens.filter((t) => !t.special).length, 0);
     const parts = [];
     const textInput = this.node.inputs?.find((input) => input.name === "text");
@@ -163,42 +338,98 @@ class TokenPicker {
       parts.push(element("div", "agtp-error", "text comes from a link: the picker shows the text widget's value, " +
         "not the linked one"));
     }
-    const chosen = subjects.filter((s) => !s.error).map((s) => `${s.entry} (${s.positions.join(" ")})`);
+    const where = (word, positions) => `${word} ${positions.join(" ")}`;
+    const chosen = subjects.filter((s) => !s.error).map((s) => (s.attributes ?? []).length === 0 ?
+      `${s.entry} (${s.positions.join(" ")})` :
+      `${s.entry} (${[where(s.noun.word, s.positions), ...s.attributes.map((a) => where(a.word, a.positions))].join(" · ")})`);
     parts.push(element("div", "agtp-status", `${content} tokens in ${chunks.length} chunk` +
       `${chunks.length === 1 ? "" : "s"} of ${this.answer.chunk_length} · ` +
       (chosen.length ? `subjects: ${chosen.join(", ")}` : "click a word to make it a subject")));
+    if (target !== null) parts.push(this.renderTools(subjects, target));
+    if (this.notice) parts.push(element("div", "agtp-error agtp-notice", this.notice));
     for (const s of subjects.filter((s) => s.error)) {
       const error = element("div", "agtp-error", s.error);
       error.title = s.error;  // two lines show; the whole message (with the prompt's words) on hover
       parts.push(error);
     }
-    for (const chunk of chunks) parts.push(this.renderChunk(chunk, colorOf));
+    const targetNoun = target === null ? null : subjects[target].noun?.positions ?? [];
+    for (const chunk of chunks) parts.push(this.renderChunk(chunk, chunks.length, roles, targetNoun));
     this.content.replaceChildren(...parts);
-    this.fitNode();
+    this.settle();
   }
 
-  // The height the content wants, within [MIN_HEIGHT, MAX_HEIGHT].
+  // "+ attribute" (attach the next clicked word) to [noun ▾], and the shift+click hint.
+  renderTools(subjects, target) {
+    const tools = element("div", "agtp-tools");
+    const attach = element("button", "", "+ attribute");
+    attach.type = "button";
+    attach.dataset.action = "attach";
+    attach.setAttribute("aria-pressed", String(this.armed));
+    attach.title = "Attach the next word you click to this noun as its attribute (\"red\" + \"car\" = \"red car\")";
+    const select = element("select");
+    select.dataset.action = "target";
+    select.title = "The noun that attributes attach to";
+    subjects.forEach((s, index) => {
+      if (s.error) return;
+      const option = element("option", "", `${s.noun?.word ?? s.entry} (${s.positions[0]})`);
+      option.value = String(s.noun?.positions[0] ?? s.positions[0]);
+      option.selected = index === target;
+      select.append(option);
+    });
+    const noun = subjects[target].noun?.word ?? subjects[target].entry;
+    const hint = this.armed ? `now click the word to attach to "${noun}"` : "or shift+click a word";
+    tools.append(attach, element("span", "", "to"), select, element("span", "agtp-hint", hint));
+    return tools;
+  }
+
+  // The height the content wants, within [MIN_HEIGHT, MAX_HEIGHT], plus (classic canvas) the widget's
+  // margins: the canvas gives a DOM widget its computed height less a margin above and below.
   wantedHeight() {
-    return Math.min(MAX_HEIGHT, Math.max(MIN_HEIGHT, this.content.offsetHeight + 10));  // + padding, border
+    const height = Math.min(MAX_HEIGHT, Math.max(MIN_HEIGHT, this.content.offsetHeight + CHROME));
+    return globalThis.LiteGraph?.vueNodesMode ? height : height + 2 * (this.domWidget?.margin ?? 0);
   }
 
-  // Classic canvas: grow the node when the tokens need more room (never shrink what the user sized).
+  // Classic canvas: grow the node when the tokens need more room (never shrink what the user sized), and
+  // redraw it in any case: the canvas shares the node's height out among its widgets when it draws it, so a
+  // node tall enough already (loaded from a workflow) must be drawn again to give the picker its new height.
   // The Vue renderer lays the node out around the element by itself.
   fitNode() {
     if (globalThis.LiteGraph?.vueNodesMode || !this.node.computeSize) return;
     const wanted = this.node.computeSize()[1];
-    if (wanted > this.node.size[1]) {
-      this.node.setSize([this.node.size[0], wanted]);
-      this.node.setDirtyCanvas?.(true, true);
-    }
+    if (wanted > this.node.size[1]) this.node.setSize([this.node.size[0], wanted]);
+    this.node.setDirtyCanvas?.(true, true);
   }
 
-  renderChunk(chunk, colorOf) {
+  // After the content changed size: fit the node, wait until its height holds still (the Vue renderer
+  // resizes it a frame or two later), then move down what the node now covers.
+  settle() {
+    if (this.settling) return;
+    this.settling = 1;
+    let height = null;
+    const step = () => {
+      this.fitNode();
+      const now = this.node.size?.[1];
+      if (now !== height && this.settling < SETTLE_FRAMES) {
+        height = now;
+        this.settling += 1;
+        requestAnimationFrame(step);
+        return;
+      }
+      this.settling = 0;
+      if (!this.node.graph || this.content.offsetHeight === 0) return;  // hidden: collapsed, zoomed out, off screen
+      makeRoom(this.node, this.node.pos[1] + (this.domWidget?.y ?? 0));
+    };
+    requestAnimationFrame(step);
+  }
+
+  renderChunk(chunk, count, roles, targetNoun) {
     const box = element("div", "agtp-chunk");
     box.dataset.chunk = chunk.index;
     const first = chunk.tokens[0].position;
-    box.append(element("div", "agtp-chunk-label",
-      `chunk ${chunk.index + 1} · positions ${first}–${first + chunk.tokens.length - 1}`));
+    if (count > 1) {  // one chunk: the status line says so
+      box.append(element("div", "agtp-chunk-label",
+        `chunk ${chunk.index + 1} · positions ${first}–${first + chunk.tokens.length - 1}`));
+    }
     let word = null;
     const padding = chunk.tokens.filter((t) => t.kind === "padding");
     for (const token of chunk.tokens) {
@@ -213,7 +444,7 @@ class TokenPicker {
         word.dataset.first = token.word_positions[0];
         box.append(word);
       }
-      word.append(this.tokenButton(token, colorOf.get(token.position)));
+      word.append(this.tokenButton(token, roles.get(token.position), targetNoun?.includes(token.position)));
     }
     if (padding.length) {
       const last = padding[padding.length - 1].position;
@@ -231,21 +462,37 @@ class TokenPicker {
     return chip;
   }
 
-  tokenButton(token, color) {
+  tokenButton(token, role, isTarget) {
     const button = element("button", "agtp-token");
     button.type = "button";
     button.dataset.position = token.position;
     button.dataset.pick = token.pick;
-    button.append(document.createTextNode(token.text), element("sub", "", String(token.position)));
+    button.dataset.word = token.word_positions[0];
+    const sub = element("sub", "", String(token.position));
+    button.append(document.createTextNode(token.text), sub);
     const pieces = token.word_positions.length > 1 ? ` (word "${token.word}", tokens ${token.word_positions.join(" ")})` : "";
-    button.title = `"${token.text}" · position ${token.position}${pieces} · click: ${color ? "remove from" : "add to"} ` +
-      `subjects as "${token.pick}"`;
-    if (color) {
-      button.classList.add("agtp-selected");
-      button.style.background = color;
-      button.setAttribute("aria-pressed", "true");
-    } else {
+    const about = `"${token.text}" · position ${token.position}${pieces}`;
+    if (!role) {
       button.setAttribute("aria-pressed", "false");
+      button.title = `${about} · click: add to subjects as "${token.pick}" · shift+click: attach to the chosen noun`;
+      return button;
+    }
+    const color = SUBJECT_COLORS[role.index % SUBJECT_COLORS.length];
+    button.dataset.role = role.role;
+    button.dataset.subject = role.index;
+    button.setAttribute("aria-pressed", "true");
+    if (role.role === "noun") {
+      button.classList.add("agtp-selected", "agtp-noun");
+      button.classList.toggle("agtp-target", Boolean(isTarget));
+      button.style.background = color;
+      sub.append(element("span", "agtp-role", "noun"));
+      button.title = `${about} · noun of subject ${role.index + 1} · click: remove from subjects`;
+    } else {
+      button.classList.add("agtp-attribute");
+      button.style.borderColor = color;
+      button.style.background = `${color}59`;  // the noun's colour, lighter: the same subject, another role
+      sub.append(element("span", "agtp-role", "attr"));
+      button.title = `${about} · attribute of "${role.noun}" (subject ${role.index + 1}) · click: detach it`;
     }
     return button;
   }
@@ -270,10 +517,15 @@ function attachPicker(node) {
     getValue: () => "",
     setValue: () => {},
     getMinHeight: () => picker.wantedHeight(),
-    getMaxHeight: () => MAX_HEIGHT,
+    getMaxHeight: () => picker.wantedHeight(),
   });
   widget.serialize = false;  // nor into the workflow: the choice lives in `subjects`
   widget.label = "CLIP tokens";
+  // The picker always spans its node. The side panel (Parameters) draws a widget it has no editor for
+  // into its own canvas and leaves that canvas's width on the widget, and the canvas then sized the
+  // picker to the panel's width (about two thirds of the node's).
+  Object.defineProperty(widget, "width", { configurable: true, enumerable: true, get: () => undefined, set: () => {} });
+  picker.domWidget = widget;
   chainCallback(widget, "onRemove", () => picker.dispose());
   node.attnGuideTokenPicker = picker;
   for (const name of ["text", "subjects"]) {
