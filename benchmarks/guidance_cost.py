@@ -302,6 +302,10 @@ def measure_steps(model, positive, negative, subjects, args, results: dict) -> N
                     model_k, options, capture, binding,
                     dataclasses.replace(config, truncate_pass=truncate, recompute_feedforward=recompute), record, steps)
                 for name, (truncate, recompute) in variants.items()}
+        if args.weight_format != args.dtype:  # the same pass with autograd keeping the cast weights (no re-cast)
+            runs["guide_kept"] = sampler_module.GuidanceRun(model_k, options, capture, binding,
+                                                            dataclasses.replace(config, recast_weights=False), record,
+                                                            steps)
         operations = {
             "plain": lambda: model_wrap(x, sigma * s_in, model_options=extra_args["model_options"],
                                         seed=extra_args.get("seed")),
@@ -576,14 +580,21 @@ def report(all_results: list[dict], args) -> str:
     return "\n".join(lines)
 
 
+def _ratio(a, b) -> str:
+    return "n/a" if not a or not b else f"{a / b:.2f}"
+
+
 def format_report(all_results: list[dict], args) -> str:
     """Per weight format: guided-pass peak memory against the weights and the --dtype run, time per guided step,
     and the gradient against the same weights in --dtype fully loaded."""
     lines = [f"weight formats (computed in {args.dtype}{', ComfyUI ' + args.host_args if args.host_args else ''}): "
              "peak = guided-pass peak extra memory (default pass); time = s per guided step",
              f"{'model':<10} {'format':<11} {'weights MiB':>11} {'peak MiB':>9} {'peak/weights':>12} "
-             f"{'peak/base':>9} {'time':>8} {'time/base':>9} {'ovh':>5}  grad rel err vs {args.dtype} fully loaded",
-             "(ovh = guided step / plain step of the same format: what the guidance adds there)"]
+             f"{'peak/base':>9} {'time':>8} {'time/base':>9} {'ovh':>5} {'recast':>6} {'peak kept':>9}  "
+             f"grad rel err vs {args.dtype} fully loaded",
+             "(ovh = guided step / plain step of the same format: what the guidance adds there; recast = guided step /",
+             " the same pass with autograd keeping the cast weights, i.e. what making them again costs; peak kept = that",
+             " pass's peak memory / the base run's)"]
     checks = []
     for r in all_results:
         base = next(b for b in all_results if b["model"] == r["model"] and b["weight_format"] == args.dtype)
@@ -594,7 +605,9 @@ def format_report(all_results: list[dict], args) -> str:
         error = r.get("format_grad_rel_err")
         lines.append(f"{r['model']:<10} {r['weight_format']:<11} {mib(r.get('weight_bytes')):>11} {mib(peak):>9} "
                      f"{peak / weights:>12.2f} {peak / base_peak:>9.2f} {r['seconds']['guide']:>8.3f} "
-                     f"{time_ratio:>9.2f} {r['seconds']['guide'] / r['seconds']['plain']:>5.2f}  "
+                     f"{time_ratio:>9.2f} {r['seconds']['guide'] / r['seconds']['plain']:>5.2f} "
+                     f"{_ratio(r['seconds'].get('guide'), r['seconds'].get('guide_kept')):>6} "
+                     f"{_ratio(max(r['peak_bytes'].get('guide_kept') or 0, r['peak_bytes_repeat'].get('guide_kept') or 0) or None, base_peak):>9}  "
                      f"{'n/a (baseline)' if error is None else f'{error:.1e}'}")
         if r is base and not args.host_args:
             continue
@@ -603,6 +616,11 @@ def format_report(all_results: list[dict], args) -> str:
                            "run's", peak / base_peak <= 1.05, f"{peak / base_peak:.2f}"))
             checks.append((f"{r['model']} {r['weight_format']}: time per guided step <= 1.3x the {args.dtype} run's",
                            time_ratio <= 1.3, f"{time_ratio:.2f}"))
+            kept = r["seconds"].get("guide_kept")
+            if kept:
+                checks.append((f"{r['model']} {r['weight_format']}: making the cast weights again costs <= 1.3x "
+                               "the pass that keeps them", r["seconds"]["guide"] / kept <= 1.3,
+                               f"{r['seconds']['guide'] / kept:.2f}"))
         if error is not None:
             checks.append((f"{r['model']} {r['weight_format']}: gradient equals the fully loaded {args.dtype} one "
                            "(rel err <= 1e-4)", error <= 1e-4, f"{error:.1e}"))

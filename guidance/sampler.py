@@ -50,6 +50,7 @@ class GuidanceConfig:
     truncate_pass: bool = True
     recompute_feedforward: bool = True  # guided pass: recompute feed-forward activations in the backward
     retention_mask_method: str = "half_max"  # A-STAR's retention region: "half_max" or "otsu"
+    recast_weights: bool = True  # guided pass: per-call weights made again in the backward (off: autograd keeps them)
 
     @property
     def enabled(self) -> bool:
@@ -213,7 +214,8 @@ class GuidanceRun:
         config = self.config
         step_size = float(self.step_sizes[step])
         # per_call_weights spans forwards and backwards: cast layers make their weight again in the backward
-        with torch.inference_mode(False), torch.enable_grad(), per_call_weights(self.inner_model.diffusion_model):
+        with torch.inference_mode(False), torch.enable_grad(), per_call_weights(self.inner_model.diffusion_model,
+                                                                                  config.recast_weights):
             latent = x.detach().clone().requires_grad_(True)
             total, terms, maps = self.loss(latent, sigma)
             entry = StepLoss(step, float(sigma), {k: v.tolist() for k, v in terms.items()}, total.tolist())
