@@ -17,8 +17,6 @@ removed on exit, errors included).
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -142,23 +140,8 @@ def _protocol_modules(model: torch.nn.Module):
     return [m for m in model.modules() if hasattr(m, "comfy_cast_weights") or hasattr(m, "weight_function")]
 
 
-@contextlib.contextmanager
 def per_call_weights(model: torch.nn.Module, enabled: bool = True):
     """During the block, protocol layers of `model` whose weight is made per call keep nothing of it for the
     backward (see the module docstring). Spans the guided step's forwards and backwards; undone on exit."""
-    if not enabled:
-        yield
-        return
-    changed = []
-    try:
-        for module in _protocol_modules(model):
-            own = module.__dict__.get("forward")  # someone else's instance-level patch: wrap, then restore
-            module.forward = _guarded(module, own if own is not None else module.__class__.forward.__get__(module))
-            changed.append((module, own))
-        yield
-    finally:
-        for module, own in changed:
-            if own is None:
-                del module.forward
-            else:
-                module.forward = own
+    from .differentiable import wrapped_forwards
+    return wrapped_forwards(_protocol_modules(model) if enabled else [], _guarded)

@@ -326,21 +326,16 @@ def _recomputed(forward):
 
 
 @contextlib.contextmanager
-def recompute_feedforward(diffusion_model: torch.nn.Module, enabled: bool = True):
-    """During the block, the transformer feed-forwards of `diffusion_model` store only their input for the
-    backward and recompute the rest there. Instance-level and undone on exit (also on errors): the model
-    is the same object before and after, and unguided passes never see the change."""
-    if not enabled:
-        yield
-        return
-    from comfy.ldm.modules.attention import FeedForward
+def wrapped_forwards(modules, wrap):
+    """During the block, each module's forward is `wrap(module, forward)`, set on the instance and undone on exit
+    (also on errors): the model is the same object before and after, and passes outside the block never see it.
+    Someone else's instance-level forward is wrapped, then put back."""
     changed = []
     try:
-        for module in diffusion_model.modules():
-            if isinstance(module, FeedForward):
-                own = module.__dict__.get("forward")  # someone else's instance-level patch: wrap, then restore
-                module.forward = _recomputed(own if own is not None else module.__class__.forward.__get__(module))
-                changed.append((module, own))
+        for module in modules:
+            own = module.__dict__.get("forward")
+            module.forward = wrap(module, own if own is not None else module.__class__.forward.__get__(module))
+            changed.append((module, own))
         yield
     finally:
         for module, own in changed:
@@ -348,3 +343,16 @@ def recompute_feedforward(diffusion_model: torch.nn.Module, enabled: bool = True
                 del module.forward
             else:
                 module.forward = own
+
+
+@contextlib.contextmanager
+def recompute_feedforward(diffusion_model: torch.nn.Module, enabled: bool = True):
+    """During the block, the transformer feed-forwards of `diffusion_model` store only their input for the
+    backward and recompute the rest there (`wrapped_forwards`)."""
+    if not enabled:
+        yield
+        return
+    from comfy.ldm.modules.attention import FeedForward
+    feedforwards = [m for m in diffusion_model.modules() if isinstance(m, FeedForward)]
+    with wrapped_forwards(feedforwards, lambda _module, forward: _recomputed(forward)):
+        yield
