@@ -456,7 +456,6 @@ class _GuidedModel:
         self.step = -1
         self.pending: torch.Tensor | None = None
         self.guided_done: set[int] = set()
-        self.skipped: list[int] = []
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -473,12 +472,10 @@ class _GuidedModel:
         delta = None
         if self.run is not None and index in self.guided and index not in self.guided_done:
             self.guided_done.add(index)
-            if self.binding.active(value):
+            if self.binding.active(value):  # (inactive guided steps were reported before sampling)
                 guided = self.run.guide(x, index, sigma.reshape(-1)[0], denoise_mask)
                 delta = guided - x
                 x.copy_(guided)  # the sampler's own latent: its next computations start from the guided one
-            else:
-                self.skipped.append(index)
         recording = self.record is not None
         if recording:
             self.capture.begin_evaluation()
@@ -612,7 +609,7 @@ class AttentionSampler(comfy.samplers.KSAMPLER):
             generator = torch.Generator().manual_seed(int(seed) + round_index)
             return torch.randn(noise.shape, generator=generator).to(noise)
 
-        with torch.inference_mode(False), torch.enable_grad(), per_call_weights(self.inner_model_of(model_k)):
+        with torch.inference_mode(False), torch.enable_grad(), per_call_weights(stage.inner_model.diffusion_model):
             result = initno.optimise_noise(scores, noise.detach().clone(), fresh_noise, self.initno)
         record.initno = {"succeeded": result.succeeded, "response": result.response, "conflict": result.conflict,
                          "kl": result.kl, "history": result.history}
@@ -620,10 +617,6 @@ class AttentionSampler(comfy.samplers.KSAMPLER):
                  "succeeded" if result.succeeded else "kept its best round", result.response, result.conflict,
                  len(result.history))
         return result.noise.to(noise)
-
-    @staticmethod
-    def inner_model_of(model_k):
-        return model_k.inner_model.inner_model.diffusion_model
 
 
 def _check_tokens(binding: SubjectBinding) -> None:
