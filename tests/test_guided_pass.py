@@ -21,15 +21,20 @@ TEXT = "a cat and a frog"
 CONFIG = GuidanceConfig(refinement=(), guidance_end=0.25)
 
 
-def _first_step(model, clip, config=CONFIG, spy=None, conds=None):
-    """dL/dx of the first guided step through the pack's guided sampler, run inside inference_mode as
-    ComfyUI's executor runs it. conds: (positive, negative), default the encoded TEXT and an empty negative."""
-    grads = []
+def _gradient(_run, x, total, _sigma):
+    return torch.autograd.grad(total.sum(), [x], retain_graph=True)[0]
+
+
+def _first_step(model, clip, config=CONFIG, inspect=_gradient, conds=None):
+    """inspect(run, x, total, sigma) at the first guided update (default: dL/dx), through the pack's guided sampler run
+    inside inference_mode as ComfyUI's executor runs it. conds: (positive, negative), default the encoded TEXT
+    and an empty negative."""
+    seen = []
     original = sampler_mod.GuidanceRun.update
 
     def update(self, x, total, sigma, step_size, active=None):
-        if not grads:
-            grads.append(torch.autograd.grad(total.sum(), [x], retain_graph=True)[0])
+        if not seen:
+            seen.append(inspect(self, x, total, sigma))
         return original(self, x, total, sigma, step_size, active)
 
     if conds is None:
@@ -50,7 +55,7 @@ def _first_step(model, clip, config=CONFIG, spy=None, conds=None):
                                        disable_pbar=True, seed=3)
     finally:
         sampler_mod.GuidanceRun.update = original
-    return grads[0]
+    return seen[0]
 
 
 def _rel(a, b):

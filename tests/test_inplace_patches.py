@@ -17,18 +17,16 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.sample
 import comfy.samplers
-import nodes
 import pytest
 import torch
 from comfy_extras import nodes_freelunch
 from harness import pack_module, run_node
+from test_guided_pass import _first_step
 
 sampler_mod = pack_module("guidance.sampler")
 differentiable = pack_module("guidance.differentiable")
-subjects_mod = pack_module("subjects")
 tiny = pack_module("tiny_models")
 
-TEXT = "a cat and a frog"
 CONFIG = sampler_mod.GuidanceConfig(refinement=(), guidance_end=0.25)
 EPS = 10.0
 
@@ -78,32 +76,8 @@ def inplace_edits(model):
 
 
 def _at_first_guided_step(model, clip, inspect):
-    """Samples with guidance inside inference_mode (as ComfyUI's executor runs it) and calls
-    inspect(run, x, sigma) at the first guided update."""
-    seen = []
-    original = sampler_mod.GuidanceRun.update
-
-    def update(self, x, total, sigma, step_size, active=None):
-        if not seen:
-            seen.append(inspect(self, x, sigma))
-        return original(self, x, total, sigma, step_size, active)
-
-    positive = clip.encode_from_tokens_scheduled(clip.tokenize(TEXT))
-    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
-    subjects = subjects_mod.resolve_subjects(clip.tokenizer, TEXT, "cat, frog")
-    sampler = sampler_mod.AttentionSampler(comfy.samplers.sampler_object("euler"), subjects, CONFIG)
-    sigmas = comfy.samplers.KSampler(model, steps=4, device=model.load_device, sampler="euler", scheduler="normal",
-                                     denoise=1.0, model_options=model.model_options).sigmas
-    samples = torch.zeros(1, 4, 32, 32)
-    noise = comfy.sample.prepare_noise(samples, 3)
-    sampler_mod.GuidanceRun.update = update
-    try:
-        with torch.inference_mode():
-            comfy.sample.sample_custom(model, noise, 7.5, sampler, sigmas, positive, negative, samples,
-                                       disable_pbar=True, seed=3)
-    finally:
-        sampler_mod.GuidanceRun.update = original
-    return seen[0]
+    """inspect(run, x, sigma) at the first guided update (the guided-pass tests' sampling run)."""
+    return _first_step(model, clip, CONFIG, lambda run, x, _total, sigma: inspect(run, x, sigma))
 
 
 def _directional_check(run, x, sigma):
