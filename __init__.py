@@ -11,7 +11,7 @@ WEB_DIRECTORY = "./web"
 async def comfy_entrypoint():
     from comfy_api.latest import ComfyExtension, io
 
-    from . import server_routes  # noqa: F401  (registers POST /attn_guide/tokenize when ComfyUI's server runs)
+    from .text import server_routes  # noqa: F401  (registers POST /attn_guide/tokenize when ComfyUI's server runs)
     from .nodes import all_nodes
 
     class AttentionGuidanceExtension(ComfyExtension):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..subjects import Subjects
+from ..text.subjects import Subjects
 
 Area = tuple[float, float, float, float]  # (top, left, height, width), fractions of the full image
 

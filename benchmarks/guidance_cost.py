@@ -155,7 +155,7 @@ def _build_model(name: str, dtype_name: str, weight_format: str):
     import torch
 
     import nodes
-    tiny = pack_module("tiny_models")
+    tiny = pack_module("runner.tiny_models")
     family = name.removeprefix("tiny-")
     clip = tiny.make_clip(family)
     dtype = getattr(torch, DTYPES[dtype_name])
@@ -179,7 +179,7 @@ def _build_model(name: str, dtype_name: str, weight_format: str):
     base.diffusion_model.to(storage)
     model = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
                                              offload_device=comfy.model_management.unet_offload_device())
-    subjects = pack_module("subjects").resolve_subjects(clip.tokenizer, PROMPT, SUBJECTS)
+    subjects = pack_module("text.subjects").resolve_subjects(clip.tokenizer, PROMPT, SUBJECTS)
     generator = torch.Generator().manual_seed(1)
     context = config["context_dim"]
 

@@ -23,7 +23,7 @@ def main():
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--size", type=int, default=256)
     args = parser.parse_args()
-    tiny = pack_module("tiny_models")
+    tiny = pack_module("runner.tiny_models")
     sampler_nodes = pack_module("nodes.sampler")
     config = pack_module("guidance.sampler").GuidanceConfig()
     model, clip = tiny.make_model("sd15"), tiny.make_clip("sd15")

@@ -75,7 +75,7 @@ _PACK_MODULE: str | None = None
 # ---------------------------------------------------------------- host
 
 def _host_module():
-    spec = importlib.util.spec_from_file_location("attn_guide_host", PACK_DIR / "host.py")
+    spec = importlib.util.spec_from_file_location("attn_guide_host", PACK_DIR / "runner" / "host.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -367,7 +367,7 @@ def main(argv=None) -> int:
     comfy.utils.PROGRESS_BAR_ENABLED = False
     if args.threads:
         torch.set_num_threads(args.threads)
-    tiny = pack_module("tiny_models")
+    tiny = pack_module("runner.tiny_models")
     prompts = load_prompts(args.prompts, args.num_prompts, args.categories.split(","))
     methods = method_configs(args.refinement, args.max_refinement)
     if args.methods:

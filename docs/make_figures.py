@@ -29,7 +29,7 @@ def save(array: np.ndarray, name: str) -> None:
 
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
-    tiny = pack_module("tiny_models")
+    tiny = pack_module("runner.tiny_models")
     sampler_nodes = pack_module("nodes.sampler")
     visualiser = pack_module("nodes.visualiser")
     GuidanceConfig = pack_module("guidance.sampler").GuidanceConfig

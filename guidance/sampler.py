@@ -21,7 +21,7 @@ import comfy.samplers
 
 from ..attention_patch.capture import AttentionCapture, TruncatedPass, select_layers
 from ..attention_patch.record import AttentionRecord, StepLoss
-from ..subjects import Subjects, chunk_digests, find_chunks
+from ..text.subjects import Subjects, chunk_digests, find_chunks
 from . import losses as L
 from . import initno
 from .cast_weights import per_call_weights

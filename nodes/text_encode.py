@@ -3,7 +3,7 @@ import dataclasses
 
 from comfy_api.latest import io
 
-from ..subjects import SubjectError, chunk_digests, resolve_subjects
+from ..text.subjects import SubjectError, chunk_digests, resolve_subjects
 from .types import Subjects
 
 

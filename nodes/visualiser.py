@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from .. import rendering
+from ..pictures import rendering
 from ..attention_patch.record import raw_subject_maps
 from ..guidance.losses import jensen_shannon_divergence, spatial_distribution
 from .types import AttentionMaps

@@ -16,7 +16,7 @@ import pytest
 PACK_DIR = Path(__file__).resolve().parent.parent
 
 
-_spec = importlib.util.spec_from_file_location("attn_guide_host", PACK_DIR / "host.py")  # before the host exists
+_spec = importlib.util.spec_from_file_location("attn_guide_host", PACK_DIR / "runner" / "host.py")  # before the host exists
 _host = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_host)
 
@@ -48,7 +48,7 @@ def pack_module(name: str):
 
 @pytest.fixture(scope="session")
 def tiny():
-    return pack_module("tiny_models")
+    return pack_module("runner.tiny_models")
 
 
 @pytest.fixture(scope="session")
@@ -94,7 +94,7 @@ CAPTURED: dict = {}  # what the TestCapture node saw, by label
 
 # Test loader: the tiny random model of a family, as CheckpointLoaderSimple would return it (the command
 # line's --demo loader).
-TinyCheckpointLoader = pack_module("cli").DemoCheckpointLoader
+TinyCheckpointLoader = pack_module("runner.cli").DemoCheckpointLoader
 
 
 class TestCapture:

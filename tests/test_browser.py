@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 from conftest import HOST, PACK_DIR, pack_module
 
-routes = pack_module("server_routes")
-subjects = pack_module("subjects")
+routes = pack_module("text.server_routes")
+subjects = pack_module("text.subjects")
 
 CHROMIUM = Path("/usr/bin/chromium")
 BROWSER_DIR = Path(__file__).resolve().parent / "browser"

@@ -9,7 +9,7 @@ from harness import pack_module
 
 capture_mod = pack_module("attention_patch.capture")
 sampler_nodes = pack_module("nodes.sampler")
-subjects_mod = pack_module("subjects")
+subjects_mod = pack_module("text.subjects")
 
 LATENT = {"samples": torch.zeros(1, 4, 32, 32)}
 

@@ -16,8 +16,8 @@ from PIL import Image
 
 import folder_paths
 
-cli = pack_module("cli")
-convert = pack_module("workflow_convert")
+cli = pack_module("runner.cli")
+convert = pack_module("runner.workflow_convert")
 EXAMPLE = PACK_DIR / "example_workflows" / "attend_and_excite_sd15.json"
 
 

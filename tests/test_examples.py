@@ -14,7 +14,7 @@ from PIL import Image
 import folder_paths
 import nodes
 
-convert = pack_module("workflow_convert")
+convert = pack_module("runner.workflow_convert")
 EXAMPLES = PACK_DIR / "example_workflows"
 STEPS, SIZE, MAX_REFINEMENT = 4, 128, 1
 
@@ -35,7 +35,7 @@ class TinyControlNetLoader:
     CATEGORY = "testing"
 
     def load(self, family):
-        return (pack_module("tiny_models").make_controlnet(family),)
+        return (pack_module("runner.tiny_models").make_controlnet(family),)
 
 
 @pytest.fixture

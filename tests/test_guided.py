@@ -12,7 +12,7 @@ from harness import pack_module
 
 sampler_mod = pack_module("guidance.sampler")
 sampler_nodes = pack_module("nodes.sampler")
-subjects_mod = pack_module("subjects")
+subjects_mod = pack_module("text.subjects")
 capture_mod = pack_module("attention_patch.capture")
 GuidanceConfig = sampler_mod.GuidanceConfig
 

@@ -13,8 +13,8 @@ from harness import pack_module
 
 sampler_mod = pack_module("guidance.sampler")
 differentiable = pack_module("guidance.differentiable")
-subjects_mod = pack_module("subjects")
-tiny = pack_module("tiny_models")
+subjects_mod = pack_module("text.subjects")
+tiny = pack_module("runner.tiny_models")
 GuidanceConfig = sampler_mod.GuidanceConfig
 
 TEXT = "a cat and a frog"

@@ -25,7 +25,7 @@ from test_guided_pass import _first_step
 
 sampler_mod = pack_module("guidance.sampler")
 differentiable = pack_module("guidance.differentiable")
-tiny = pack_module("tiny_models")
+tiny = pack_module("runner.tiny_models")
 
 CONFIG = sampler_mod.GuidanceConfig(refinement=(), guidance_end=0.25)
 EPS = 10.0

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from harness import pack_module
 
-rendering = pack_module("rendering")
+rendering = pack_module("pictures.rendering")
 visualiser = pack_module("nodes.visualiser")
 record_mod = pack_module("attention_patch.record")
-subjects_mod = pack_module("subjects")
+subjects_mod = pack_module("text.subjects")
 
 AttentionRecord, StepLoss = record_mod.AttentionRecord, record_mod.StepLoss
 SIDE = 16  # the nominal grid of the hand-made records

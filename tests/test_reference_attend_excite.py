@@ -52,7 +52,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.meshgrid:UserWarning")
 
 sampler_module = pack_module("guidance.sampler")
 losses_module = pack_module("guidance.losses")
-subjects_module = pack_module("subjects")
+subjects_module = pack_module("text.subjects")
 
 
 def fraction_steps(fraction: float, steps: int = STEPS) -> int:

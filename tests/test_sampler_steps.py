@@ -11,7 +11,7 @@ from harness import pack_module
 
 sampler_mod = pack_module("guidance.sampler")
 capture_mod = pack_module("attention_patch.capture")
-subjects_mod = pack_module("subjects")
+subjects_mod = pack_module("text.subjects")
 text_encode = pack_module("nodes.text_encode")
 
 SIGMAS = torch.tensor([14.6, 6.0, 2.5, 1.0, 0.3, 0.0])

@@ -2,7 +2,7 @@
 import pytest
 from harness import pack_module
 
-subjects_mod = pack_module("subjects")
+subjects_mod = pack_module("text.subjects")
 resolve = subjects_mod.resolve_subjects
 SubjectError = subjects_mod.SubjectError
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from harness import pack_module
 
-rendering = pack_module("rendering")
+rendering = pack_module("pictures.rendering")
 visualiser = pack_module("nodes.visualiser")
 record_mod = pack_module("attention_patch.record")
-subjects_mod = pack_module("subjects")
+subjects_mod = pack_module("text.subjects")
 
 AttentionRecord, StepLoss = record_mod.AttentionRecord, record_mod.StepLoss
 render = visualiser.render

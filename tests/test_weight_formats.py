@@ -14,7 +14,7 @@ import torch
 from harness import pack_module, run_node
 from test_guided_pass import _first_step, _rel, _saved_bytes
 
-tiny = pack_module("tiny_models")
+tiny = pack_module("runner.tiny_models")
 cast_weights = pack_module("guidance.cast_weights")
 sampler_mod = pack_module("guidance.sampler")
 

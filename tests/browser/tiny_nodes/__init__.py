@@ -18,7 +18,7 @@ _models = {}
 
 def _tiny_models():
     spec = importlib.util.spec_from_file_location("attn_guide_test_tiny_models",
-                                                  os.path.join(_PACK_DIR, "tiny_models.py"))
+                                                  os.path.join(_PACK_DIR, "runner", "tiny_models.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-PACK_DIR = Path(__file__).resolve().parent
+PACK_DIR = Path(__file__).resolve().parent.parent
 
 
 class HostNotFound(RuntimeError):

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from . import host
 
-PACK_DIR = Path(__file__).resolve().parent
+PACK_DIR = Path(__file__).resolve().parent.parent
 FAMILIES = ("sd15", "sd2", "sdxl")
 DEMO_CHECKPOINT = "AttnGuideDemoCheckpoint"
 DEMO_CONTROLNET = "AttnGuideDemoControlNet"
