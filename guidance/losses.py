@@ -45,36 +45,43 @@ def smooth(maps: torch.Tensor, kernel_size: int = 3, sigma: float = 0.5) -> torc
     return F.conv2d(flat, kernel).reshape(shape)
 
 
-def text_attention(aggregated: torch.Tensor, chunk_start: int, end_position: int, chunk_length: int,
-                   temperature: float = 100.0, exclude_padding: bool = False) -> torch.Tensor:
-    """Attend-and-Excite's re-weighting of one chunk: drop the start token, scale, softmax over tokens.
+def text_attention(aggregated: torch.Tensor, start: int, length: int, kept: tuple[int, int],
+                   temperature: float = 100.0) -> torch.Tensor:
+    """Attend-and-Excite's re-weighting of one text segment: keep its positions [kept), scale, softmax over them.
 
-    aggregated: [B, N, T]. Keeps positions 1..chunk_length-2 of the chunk (the reference's
-    `[:, :, 1:-1]`: end token and padding included), or 1..end_position-1 with `exclude_padding`
-    (the authors' SD2 variant, for SD2's '!' padding). Returns [B, N, chunk_length] with the dropped
-    positions set to 0, so that subject positions index it directly.
+    aggregated: [B, N, T]. For a CLIP chunk kept is the reference's `[:, :, 1:-1]` (start token dropped, end
+    token and padding included) or 1..end-1 (the authors' SD2 variant, for SD2's '!' padding); for T5 the prompt's
+    own pieces. Returns [B, N, length] with the dropped positions set to 0, so that positions index it directly.
     """
-    stop = end_position if exclude_padding else chunk_length - 1
-    kept = aggregated[:, :, chunk_start + 1:chunk_start + stop].float() * temperature
-    probs = kept.softmax(dim=-1)
-    out = probs.new_zeros(*probs.shape[:2], chunk_length)
-    out[:, :, 1:stop] = probs
+    first, stop = kept
+    probs = (aggregated[:, :, start + first:start + stop].float() * temperature).softmax(dim=-1)
+    out = probs.new_zeros(*probs.shape[:2], length)
+    out[:, :, first:stop] = probs
     return out
 
 
 def token_group_maps(aggregated: torch.Tensor, subjects, groups, resolution: tuple[int, int],
                      temperature: float = 100.0, exclude_padding: bool = False) -> torch.Tensor:
-    """[B, N, T] -> [B, G, H, W]: the re-weighted map of each group of token positions (mean over the group;
-    a group lies in one chunk), unsmoothed."""
-    batch, length = aggregated.shape[0], subjects.chunk_length
-    per_chunk = {}
+    """[B, N, T] -> [B, G, H, W]: the re-weighted map of each group of token positions, unsmoothed.
+
+    Within a segment a group's map is the mean over its positions (a word's pieces); a group with positions in
+    several segments (SD3: a word's CLIP and T5 tokens) is the mean of its per-segment maps, so that each
+    encoder's view counts once and the map keeps the scale A&E's thresholds assume."""
+    batch = aggregated.shape[0]
+    per_segment = {}
     maps = []
     for positions in groups:
-        chunk = positions[0] // length
-        if chunk not in per_chunk:
-            per_chunk[chunk] = text_attention(aggregated, chunk * length, subjects.end_positions[chunk], length,
-                                              temperature, exclude_padding)
-        maps.append(per_chunk[chunk][:, :, [p - chunk * length for p in positions]].mean(dim=-1))
+        by_segment: dict[int, list[int]] = {}
+        for position in positions:
+            by_segment.setdefault(subjects.segment_of(position), []).append(position)
+        views = []
+        for index, members in by_segment.items():
+            segment = subjects.segments[index]
+            if index not in per_segment:
+                per_segment[index] = text_attention(aggregated, segment.start, segment.length,
+                                                    segment.softmax_range(exclude_padding), temperature)
+            views.append(per_segment[index][:, :, [p - segment.start for p in members]].mean(dim=-1))
+        maps.append(torch.stack(views).mean(dim=0))
     if not maps:
         return aggregated.new_zeros(batch, 0, *resolution, dtype=torch.float32)
     return torch.stack(maps, dim=1).reshape(batch, len(maps), *resolution)

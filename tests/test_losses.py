@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from harness import pack_module
+subjects_mod = pack_module("text.subjects")
 
 L = pack_module("guidance.losses")
 
@@ -111,14 +112,30 @@ def test_combined_loss_weights_and_skips():
 
 def test_text_attention_variants():
     aggregated = torch.rand(1, 4, 77)
-    default = L.text_attention(aggregated, 0, end_position=6, chunk_length=77)
+    segment = subjects_mod.clip_segments(77, [6])[0]
+    default = L.text_attention(aggregated, 0, 77, segment.softmax_range(False))
     assert default[:, :, 0].abs().sum() == 0 and default[:, :, 76].abs().sum() == 0
     assert torch.allclose(default.sum(-1), torch.ones(1, 4))
-    sd2 = L.text_attention(aggregated, 0, end_position=6, chunk_length=77, exclude_padding=True)
+    sd2 = L.text_attention(aggregated, 0, 77, segment.softmax_range(True))
     assert sd2[:, :, 6:].abs().sum() == 0
     assert torch.allclose(sd2.sum(-1), torch.ones(1, 4))
     expected = torch.softmax(aggregated[:, :, 1:6] * 100, dim=-1)
     assert torch.allclose(sd2[:, :, 1:6], expected)
+
+
+def test_group_maps_across_segments_average_the_views():
+    """A group with positions in two segments (SD3: a word's CLIP and T5 tokens) is the mean of its per-segment
+    maps, each segment re-normalised over its own kept range (T5: the pieces only, no </s>, no padding)."""
+    segments = (subjects_mod.TextSegment("clip", 0, 77, 5, (1, 76)), subjects_mod.TextSegment("t5", 77, 10, 4, (0, 4)))
+    subject = subjects_mod.Subject("cat", (2, 77 + 1, 77 + 2), 0)
+    subjects = subjects_mod.Subjects((subject,), "a cat", 77, (5,), segments=segments)
+    assert subjects.num_tokens == 87 and subjects.segment_of(80) == 1
+    aggregated = torch.rand(2, 16, 87)
+    maps = L.token_group_maps(aggregated, subjects, [subject.token_positions], (4, 4))
+    clip = torch.softmax(aggregated[:, :, 1:76] * 100, dim=-1)[:, :, 1]
+    t5 = torch.softmax(aggregated[:, :, 77:81] * 100, dim=-1)[:, :, 1:3].mean(-1)
+    assert torch.allclose(maps.reshape(2, 16), (clip + t5) / 2, atol=1e-6)
+    assert subjects.other_positions() == [1, 3, 4, 77, 80]
 
 
 # ---------------------------------------------------------------- attribute binding

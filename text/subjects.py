@@ -31,6 +31,33 @@ class Subject:
 
 
 @dataclass(frozen=True)
+class TextSegment:
+    """A run of the model's text sequence that Attend-and-Excite's re-normalisation treats as one text: a CLIP
+    chunk (77 positions, start token first) or a T5 sequence (no start token; `</s>`, then padding).
+
+    `kept` is the [first, stop) range of in-segment positions the re-normalisation's softmax spans: for a CLIP
+    chunk the reference's [1, 76) (end token and padding included; with `exclude_padding` [1, end)); for T5 the
+    prompt's own pieces only (no `</s>`, no padding). `end` is the in-segment position of the end token."""
+    encoder: str                 # "clip" or "t5": whose tokens these are
+    start: int                   # first position in the model's text sequence (the cond's token axis)
+    length: int
+    end: int
+    kept: tuple[int, int]
+
+    def softmax_range(self, exclude_padding: bool) -> tuple[int, int]:
+        """In-segment [first, stop) of the positions A&E's softmax spans."""
+        if self.encoder == "clip" and exclude_padding:
+            return (self.kept[0], self.end)
+        return self.kept
+
+
+def clip_segments(chunk_length: int, end_positions) -> tuple[TextSegment, ...]:
+    """The segments of a CLIP-only prompt: one per 77-token chunk."""
+    return tuple(TextSegment("clip", c * chunk_length, chunk_length, end, (1, chunk_length - 1))
+                 for c, end in enumerate(end_positions))
+
+
+@dataclass(frozen=True)
 class Subjects:
     """What Attention Text Encode hands to the sampler and the visualiser (the SUBJECTS type)."""
     subjects: tuple[Subject, ...]
@@ -41,6 +68,20 @@ class Subjects:
     # per encoding of the text (scheduled CLIP hooks may give several): a digest per 77-token chunk of the
     # CONDITIONING it was encoded to, so that the sampler finds that cond in a combined/concatenated positive
     fingerprints: tuple[tuple[str, ...], ...] = field(default=())
+    # the model's text sequence as the re-normalisation sees it; empty: one CLIP segment per chunk (SD1.x/SD2.x/
+    # SDXL). DiT families set it: Flux one T5 segment, SD3 its CLIP chunks then its T5 sequence
+    segments: tuple[TextSegment, ...] = field(default=())
+
+    def __post_init__(self):
+        if not self.segments:
+            object.__setattr__(self, "segments", clip_segments(self.chunk_length, self.end_positions))
+
+    def segment_of(self, position: int) -> int:
+        """The index of the segment that holds global position `position`."""
+        for index, segment in enumerate(self.segments):
+            if segment.start <= position < segment.start + segment.length:
+                return index
+        raise IndexError(f"token position {position} is outside the prompt's {self.num_tokens} positions")
 
     @property
     def labels(self) -> list[str]:
@@ -55,12 +96,12 @@ class Subjects:
         """The prompt's content token positions that are neither a subject's nor an attribute's."""
         used = {p for s in self.subjects for p in s.token_positions}
         used |= {p for _i, a in self.attributes for p in a.token_positions}
-        return [chunk * self.chunk_length + position for chunk, end in enumerate(self.end_positions)
-                for position in range(1, end) if chunk * self.chunk_length + position not in used]
+        return [segment.start + position for segment in self.segments
+                for position in range(segment.kept[0], segment.end) if segment.start + position not in used]
 
     @property
     def num_tokens(self) -> int:
-        return self.chunk_length * len(self.end_positions)
+        return sum(segment.length for segment in self.segments)
 
     def __len__(self) -> int:
         return len(self.subjects)
