@@ -21,7 +21,7 @@ import comfy.samplers
 
 from ..attention_patch.capture import AttentionCapture, TruncatedPass, select_layers
 from ..attention_patch.record import AttentionRecord, StepLoss
-from ..text.subjects import Subjects, chunk_digests, find_chunks
+from ..text.subjects import Subjects, find_run, token_digests
 from . import losses as L
 from . import initno
 from .cast_weights import per_call_weights
@@ -293,11 +293,11 @@ class SubjectBinding:
     """The positive cond the SUBJECTS were encoded to, and where the subjects' tokens sit in it."""
     subjects: Subjects
     cond: dict
-    chunk_offset: int  # the subjects' text starts at chunk `chunk_offset` of the cond (ConditioningConcat)
+    token_offset: int  # the subjects' text starts at token `token_offset` of the cond (ConditioningConcat)
 
     def own_tokens(self, aggregated: torch.Tensor) -> torch.Tensor:
         """[B, N, T_cond] -> [B, N, T_subjects]: the subjects' own text's tokens, as their positions count them."""
-        start = self.chunk_offset * self.subjects.chunk_length
+        start = self.token_offset
         return aggregated[:, :, start:start + self.subjects.num_tokens]
 
     def area(self, latent_shape) -> tuple[float, float, float, float] | None:
@@ -342,9 +342,9 @@ def bind_subjects(subjects: Subjects, conds: dict) -> SubjectBinding:
         tokens = _cross_attention(cond)
         if tokens is None:
             continue
-        digests = chunk_digests(tokens, subjects.chunk_length)
+        digests = token_digests(tokens)
         for fingerprint in subjects.fingerprints:
-            start = find_chunks(digests, fingerprint)
+            start = find_run(digests, fingerprint)
             if start is not None:
                 return SubjectBinding(subjects, cond, start)
     where = "the negative prompt's" if any(
@@ -359,8 +359,8 @@ def _matches(subjects: Subjects, cond: dict) -> bool:
     tokens = _cross_attention(cond)
     if tokens is None:
         return False
-    digests = chunk_digests(tokens, subjects.chunk_length)
-    return any(find_chunks(digests, f) is not None for f in subjects.fingerprints)
+    digests = token_digests(tokens)
+    return any(find_run(digests, f) is not None for f in subjects.fingerprints)
 
 
 @dataclass
@@ -623,7 +623,7 @@ def _check_tokens(binding: SubjectBinding) -> None:
     tokens = _cross_attention(binding.cond)
     if tokens is None:
         return
-    available = tokens.shape[1] - binding.chunk_offset * binding.subjects.chunk_length
+    available = tokens.shape[1] - binding.token_offset
     largest = max(p for s in binding.subjects.subjects for p in s.token_positions)
     if available <= largest:
         raise ValueError(f"subject token position {largest} is beyond the positive conditioning's "

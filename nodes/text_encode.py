@@ -3,7 +3,7 @@ import dataclasses
 
 from comfy_api.latest import io
 
-from ..text.subjects import SubjectError, chunk_digests, resolve_subjects
+from ..text.subjects import SubjectError, resolve_subjects, token_digests
 from .types import Subjects
 
 
@@ -43,7 +43,7 @@ class AttentionTextEncode(io.ComfyNode):
         tokens = clip.tokenize(text)
         conditioning = clip.encode_from_tokens_scheduled(tokens)
         # bind SUBJECTS to this text's embedding: the sampler finds it among the positive conds
-        fingerprints = tuple(chunk_digests(cond, resolved.chunk_length) for cond, _options in conditioning)
+        fingerprints = tuple(token_digests(cond) for cond, _options in conditioning)
         return io.NodeOutput(conditioning, dataclasses.replace(resolved, fingerprints=fingerprints))
 
 

@@ -85,10 +85,10 @@ def test_subjects_bind_to_their_text_in_combined_and_concatenated_conds(sd15):
     other_cond, _other = _encode(clip, "a dog and a bird", "dog").args
     combined = nodes.ConditioningCombine().combine(other_cond, subject_cond)[0]
     binding = sampler_mod.bind_subjects(subjects, {"positive": _processed(combined)})
-    assert binding.chunk_offset == 0 and torch.equal(binding.cond["cross_attn"], subject_cond[0][0])
+    assert binding.token_offset == 0 and torch.equal(binding.cond["cross_attn"], subject_cond[0][0])
     concatenated = nodes.ConditioningConcat().concat(other_cond, subject_cond)[0]
     binding = sampler_mod.bind_subjects(subjects, {"positive": _processed(concatenated)})
-    assert binding.chunk_offset == 1
+    assert binding.token_offset == 77
     maps = torch.arange(2 * 154, dtype=torch.float32).reshape(1, 2, 154)
     assert torch.equal(binding.own_tokens(maps), maps[:, :, 77:])
 

@@ -65,8 +65,8 @@ class Subjects:
     chunk_length: int                       # 77 for CLIP
     end_positions: tuple[int, ...]          # per chunk: position (in chunk) of the end token
     token_words: tuple[tuple[str, ...], ...] = field(default=())  # per chunk: decoded token text
-    # per encoding of the text (scheduled CLIP hooks may give several): a digest per 77-token chunk of the
-    # CONDITIONING it was encoded to, so that the sampler finds that cond in a combined/concatenated positive
+    # per encoding of the text (scheduled CLIP hooks may give several): a digest per token of the CONDITIONING
+    # it was encoded to (`token_digests`), so that the sampler finds that cond in a combined/concatenated positive
     fingerprints: tuple[tuple[str, ...], ...] = field(default=())
     # the model's text sequence as the re-normalisation sees it; empty: one CLIP segment per chunk (SD1.x/SD2.x/
     # SDXL). DiT families set it: Flux one T5 segment, SD3 its CLIP chunks then its T5 sequence
@@ -277,19 +277,21 @@ def _valid_ranges(end_positions, chunk_length) -> str:
     return ", ".join(f"{c * chunk_length + 1}..{c * chunk_length + e - 1}" for c, e in enumerate(end_positions))
 
 
-def chunk_digests(cond, chunk_length: int) -> tuple[str, ...]:
-    """A digest of each `chunk_length`-token chunk of a cross-attention cond [1, T, D] (exact values, fp32).
+def token_digests(cond) -> tuple[str, ...]:
+    """A digest of each token row of a cross-attention cond [1, T, D] (exact values, fp32).
 
     Encoding is deterministic and ConditioningConcat / Combine / SetArea / SetTimestepRange copy or keep the
-    tensor, so equal digests identify the text's own embedding wherever it sits."""
-    values = cond.detach()[:1].to(device="cpu", dtype=torch.float32).contiguous()
-    return tuple(hashlib.sha1(values[:, start:start + chunk_length].numpy().tobytes()).hexdigest()
-                 for start in range(0, values.shape[1] - chunk_length + 1, chunk_length))
+    tensor, so a run of equal digests identifies the text's own embedding wherever it sits (at any token offset:
+    a T5 sequence need not be a multiple of CLIP's 77)."""
+    values = cond.detach()[0].to(device="cpu", dtype=torch.float32).contiguous().numpy()
+    return tuple(hashlib.sha1(row.tobytes()).hexdigest() for row in values)
 
 
-def find_chunks(digests: tuple[str, ...], needle: tuple[str, ...]) -> int | None:
-    """The first chunk index at which `needle` occurs in `digests` as a contiguous run, else None."""
+def find_run(digests: tuple[str, ...], needle: tuple[str, ...]) -> int | None:
+    """The first token offset at which `needle` occurs in `digests` as a contiguous run, else None."""
+    if not needle:
+        return None
     for start in range(len(digests) - len(needle) + 1):
-        if digests[start:start + len(needle)] == needle:
+        if digests[start] == needle[0] and digests[start:start + len(needle)] == needle:
             return start
     return None
