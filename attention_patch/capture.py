@@ -1,15 +1,16 @@
-"""Cross-attention capture: attn2 replace patches that record the conditional branch's maps.
+"""Attention capture shared by every model family: the store that aggregates one evaluation's maps, the
+probabilities, which batch rows are the subjects' cond, and the map grid.
 
-The patches are installed on a per-run copy of `model_options` (never on the user's MODEL) and
-wrap whatever attn2 replace another pack installed there before (IPAdapter and friends), so both run.
-Only the layers of the captured resolution are patched; every other layer keeps the host's attention.
+Each family says which of its layers/blocks exist and how the capture is installed on a per-run copy of
+`model_options` (never on the user's MODEL): `unet.py` (SD1.x, SD2.x, SDXL: attn2 replace patches) and `dit.py`
+(SD3/SD3.5's MMDiT and Flux: the joint attention through `optimized_attention_override`). `select_capture`
+picks the family of a diffusion model and what it captures.
 
 Two kinds of pass read maps:
-- recording passes (the sampler's own model calls): the layer output comes from the host's attention
-  (or the wrapped replace), bit for bit as without us, and the probabilities are computed beside it,
-  without autograd, for the conditional rows only;
-- guided passes (the extra forward of the guidance, under autograd): the probabilities are computed
-  once, explicitly, and the output is probs @ v, so the loss can be differentiated through them.
+- recording passes (the sampler's own model calls): the layer output is the host's, bit for bit as without us,
+  and the probabilities are computed beside it, without autograd, for the subjects' cond rows only;
+- guided passes (the extra forward of the guidance, under autograd): the probabilities are differentiable, and
+  the pass may stop after the last captured layer (`TruncatedPass`).
 """
 from __future__ import annotations
 
@@ -18,54 +19,16 @@ from dataclasses import dataclass
 
 import torch
 
-import comfy.ldm.modules.attention as host_attention
-import comfy.model_patcher
-from comfy.ldm.modules.attention import SpatialTransformer
-from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, UNetModel, Upsample
-
 
 class UnsupportedModelError(ValueError):
-    """The model has no UNet cross-attention this pack can read."""
+    """The model has no attention this pack can read."""
 
 
 class TruncatedPass(Exception):
-    """Raised after the last captured layer of a guided pass: the rest of the UNet is not needed."""
+    """Raised after the last captured layer of a guided pass: the rest of the model is not needed."""
 
 
-@dataclass(frozen=True)
-class CrossAttentionLayer:
-    key: tuple[str, int, int]  # (block name, block number, transformer index) as ComfyUI keys attn2 patches
-    downsample: int            # latent pixels per map pixel at this layer
-
-
-def cross_attention_layers(diffusion_model) -> list[CrossAttentionLayer]:
-    """Every attn2 layer of a ComfyUI UNet, in execution order, with its downsampling factor."""
-    if not isinstance(diffusion_model, UNetModel):
-        raise UnsupportedModelError(
-            f"{type(diffusion_model).__name__} is not a UNet with cross-attention; attention guidance supports "
-            "SD1.x, SD2.x and SDXL-family models (ComfyUI's UNetModel), not DiT/MMDiT models such as SD3 or Flux")
-    layers = []
-    downsample = 1
-
-    def add(block_name, number, block):
-        for module in block:
-            if isinstance(module, SpatialTransformer):
-                for index, transformer in enumerate(module.transformer_blocks):
-                    if getattr(transformer, "attn2", None) is not None:
-                        layers.append(CrossAttentionLayer((block_name, number, index), downsample))
-
-    for number, block in enumerate(diffusion_model.input_blocks):
-        if any(isinstance(m, Downsample) for m in block):
-            downsample *= 2
-        add("input", number, block)
-    add("middle", 0, diffusion_model.middle_block)
-    for number, block in enumerate(diffusion_model.output_blocks):
-        add("output", number, block)
-        if any(isinstance(m, Upsample) for m in block):
-            downsample //= 2
-    if not layers:
-        raise UnsupportedModelError("the model's UNet has no cross-attention layers to read")
-    return layers
+SUPPORTED = "SD1.x, SD2.x and SDXL (UNet), SD3/SD3.5 (MMDiT) and Flux.1 (and Chroma, on Flux's blocks)"
 
 
 def attention_probabilities(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
@@ -133,128 +96,110 @@ def resize_maps(probs: torch.Tensor, actual: tuple[int, int], nominal: tuple[int
     return grid.permute(0, 2, 3, 1).reshape(*lead, nominal[0] * nominal[1], tokens)
 
 
+@dataclass(frozen=True)
+class CaptureLayout:
+    """What a run captures: the family's module (unet / dit), its captured units (layers or blocks, in execution
+    order) and the maps' grid (h, w) on the full latent."""
+    family: object
+    units: list
+    resolution: tuple[int, int]
+    name: str = "unet"
+    impl: object = None         # DiT: the family (dit.Family) of the model
+    all_units: tuple = ()       # DiT: every block of the model, in execution order
+    model: object = None        # the diffusion model
+
+
+def select_capture(diffusion_model, latent_shape, attention_resolution: int = 0, blocks: str = "") -> CaptureLayout:
+    """The family of `diffusion_model` and what its capture reads (see unet.select_layers, dit.select_blocks)."""
+    from . import dit, unet
+    family = dit.family_of(diffusion_model)
+    if family is not None:
+        units, resolution = dit.select_blocks(family, diffusion_model, latent_shape, blocks)
+        return CaptureLayout(dit, units, resolution, family.name, family, tuple(family.blocks(diffusion_model)),
+                             diffusion_model)
+    if blocks.strip():
+        raise ValueError(f"'blocks' ({blocks!r}) selects DiT blocks (SD3, Flux); this is a UNet model: use "
+                         "attention_resolution to choose its layers, and leave blocks empty")
+    layers, resolution = unet.select_layers(diffusion_model, latent_shape, attention_resolution)
+    return CaptureLayout(unet, layers, resolution, "unet", model=diffusion_model)
+
+
 class AttentionCapture:
-    """Collects aggregated cross-attention maps of one resolution, one model evaluation at a time.
+    """Collects the aggregated text->image attention of the captured layers, one model evaluation at a time.
 
     State lives here, not in model_options, so that ComfyUI's deep copies of model_options (which keep
     arbitrary objects by reference) all point at the one capture of the run.
     """
 
-    def __init__(self, layers: list[CrossAttentionLayer], resolution: tuple[int, int], target_uuid=None):
-        self.layers = layers
+    def __init__(self, layers: list, resolution: tuple[int, int], target_uuid=None, family=None,
+                 layout: CaptureLayout | None = None):
+        from . import unet
+        self.layers = layers        # the captured units (UNet attn2 layers, DiT blocks), in execution order
+        self.family = family if family is not None else unet
+        self.family_impl = layout.impl if layout is not None else None
+        self.all_blocks = list(layout.all_units) if layout is not None else []
+        self.model = layout.model if layout is not None else None
+        self.keys = {unit.key for unit in layers}
         self.resolution = resolution
         self.target_uuid = target_uuid  # the uuid of the subjects' cond (None: the first positive chunk)
         self.grid: tuple[int, int] = resolution  # size of the maps of the last evaluation
-        self._downsample = {(layer.key[0], layer.key[1]): layer.downsample for layer in layers}
         self.recording = False      # record in the sampler's own passes
         self.guided = False         # inside a guided (autograd) pass
         self.truncate = False       # stop a guided pass after the last captured layer
+        self.forward = None         # DiT: what the model call being evaluated holds (dit.ForwardState)
         self._sum: torch.Tensor | None = None
         self._heads = 0
         self._guided_maps: list[torch.Tensor] = []
+        self._guided_sums: list[tuple[torch.Tensor, int]] = []
         self._seen = 0
+
+    @classmethod
+    def for_layout(cls, layout: CaptureLayout, target_uuid=None) -> "AttentionCapture":
+        return cls(layout.units, layout.resolution, target_uuid, layout.family, layout)
 
     # --- evaluation bookkeeping ---
     def begin_evaluation(self) -> None:
-        self._sum, self._heads, self._guided_maps, self._seen = None, 0, [], 0
+        self._sum, self._heads, self._guided_maps, self._guided_sums, self._seen = None, 0, [], [], 0
         self.grid = self.resolution
 
     def aggregated(self) -> torch.Tensor | None:
         """Mean over every head of every captured layer: [B, H*W, T], or None if nothing was seen."""
         if self._guided_maps:
             return torch.cat(self._guided_maps, dim=1).mean(dim=1)
+        if self._guided_sums:
+            return sum(s for s, _h in self._guided_sums) / sum(h for _s, h in self._guided_sums)
         if self._sum is None:
             return None
         return self._sum / self._heads
 
-    # --- the patch ---
-    def _record(self, q, k, v, extra_options, inner):
-        heads = extra_options["n_heads"]
-        rows = _cond_rows(extra_options, q.shape[0], self.target_uuid)
-        if self.guided:
-            probs = attention_probabilities(q, k, heads)
-            if rows is not None:
-                self._guided_maps.append(self._on_grid(probs[rows], extra_options))
-            self._seen += 1
-            if self.truncate and self._seen == len(self.layers):
-                raise TruncatedPass()
-            if inner is not None:  # another pack's replace decides the output
-                return inner(q, k, v, extra_options)
-            batch, tokens, _ = v.shape
-            v_heads = v.reshape(batch, tokens, heads, -1).transpose(1, 2).to(probs.dtype)
-            out = (probs @ v_heads).transpose(1, 2).reshape(batch, q.shape[1], -1)
-            return out.to(q.dtype)
-        if self.recording and rows is not None:
-            with torch.no_grad():
-                probs = self._on_grid(attention_probabilities(q[rows], k[rows], heads).sum(dim=1), extra_options)
-            if self._sum is not None and self._sum.shape != probs.shape:
-                raise RuntimeError(f"captured maps of one evaluation differ in size ({tuple(self._sum.shape)} vs "
-                                   f"{tuple(probs.shape)})")
-            self._sum = probs if self._sum is None else self._sum + probs
-            self._heads += heads
-        return _host_attention(q, k, v, extra_options, inner)
+    # --- what the family patches report ---
+    def add_guided(self, probs: torch.Tensor) -> None:
+        """Differentiable per-head maps of one layer of a guided pass: [B, heads, H*W, T]."""
+        self._guided_maps.append(probs)
 
-    def _on_grid(self, probs: torch.Tensor, extra_options: dict) -> torch.Tensor:
-        """The layer's maps on this evaluation's nominal grid (resized where a patch changed the layer's size)."""
-        downsample = self._downsample.get(tuple(extra_options.get("block") or ()), self.layers[0].downsample)
-        actual, nominal = layer_grid(extra_options, probs.shape[-2], downsample)
-        self.grid = nominal
-        return resize_maps(probs, actual, nominal)
+    def add_guided_sum(self, summed: torch.Tensor, heads: int) -> None:
+        """Differentiable maps of one layer of a guided pass, summed over its `heads` heads: [B, H*W, T]."""
+        self._guided_sums.append((summed, heads))
+
+    def add_recorded(self, summed: torch.Tensor, heads: int) -> None:
+        """Maps of one layer of a recording pass, summed over its `heads` heads: [B, H*W, T]."""
+        if self._sum is not None and self._sum.shape != summed.shape:
+            raise RuntimeError(f"captured maps of one evaluation differ in size ({tuple(self._sum.shape)} vs "
+                               f"{tuple(summed.shape)})")
+        self._sum = summed if self._sum is None else self._sum + summed
+        self._heads += heads
+
+    def count_unit(self) -> bool:
+        """Counts a captured unit of a guided pass; True when the pass may stop here (the last one, truncating)."""
+        self._seen += 1
+        return self.truncate and self._seen == len(self.layers)
 
     def install(self, model_options: dict) -> dict:
-        """Returns a copy of model_options with the capture wrapped around each captured attn2 layer."""
-        replaces = model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-        for layer in self.layers:
-            block_name, number, index = layer.key
-            inner = replaces.get(layer.key, replaces.get((block_name, number)))
-            model_options = comfy.model_patcher.set_model_options_patch_replace(
-                model_options, _Patch(self, inner), "attn2", block_name, number, index)
-        return model_options
+        """A copy of model_options with the capture installed on the captured units (by the model's family)."""
+        return self.family.install(self, model_options)
 
-
-def _host_attention(q, k, v, extra_options, inner):
-    """What the layer computes without us: the wrapped replace, else the host's optimized attention."""
-    if inner is not None:
-        return inner(q, k, v, extra_options)
-    return host_attention.optimized_attention(q, k, v, extra_options["n_heads"],
-                                              attn_precision=extra_options.get("attn_precision"),
-                                              transformer_options=extra_options)
-
-
-class _Patch:
-    """A picklable, copy-stable callable (ComfyUI deep-copies model_options dicts, not callables)."""
-
-    def __init__(self, capture: AttentionCapture, inner):
-        self.capture = capture
-        self.inner = inner
-
-    def __call__(self, q, k, v, extra_options):
-        return self.capture._record(q, k, v, extra_options, self.inner)
-
-
-def select_layers(diffusion_model, latent_shape, attention_resolution: int = 0) -> tuple[list[CrossAttentionLayer], tuple[int, int]]:
-    """The attn2 layers whose maps are captured, and the map size (h, w).
-
-    attention_resolution 0 means Attend-and-Excite's choice: the layers at 1/4 of the latent
-    (16x16 for a 512 px SD1.x image, 32x32 for 1024 px SDXL), i.e. ceil(W/32) in pixels.
-    """
-    layers = cross_attention_layers(diffusion_model)
-    height, width = int(latent_shape[-2]), int(latent_shape[-1])
-    factors = sorted({layer.downsample for layer in layers})
-    if attention_resolution == 0:
-        factor = 4
-    else:
-        candidates = [f for f in factors if width % f == 0 and width // f == attention_resolution]
-        if not candidates:
-            valid = ", ".join(f"{width // f}" for f in factors if width % f == 0)
-            raise ValueError(f"attention_resolution {attention_resolution} is not a cross-attention resolution of "
-                             f"this model at a {width}x{height} latent; valid: 0 (auto), {valid}")
-        factor = candidates[0]
-    if factor not in factors:
-        raise ValueError(f"the model has no cross-attention layers at 1/{factor} of the latent; it has them at "
-                         f"1/{', 1/'.join(map(str, factors))}")
-    if height % factor or width % factor:
-        raise ValueError(f"latent size {width}x{height} (image {width * 8}x{height * 8} px) does not divide into the "
-                         f"capture resolution (1/{factor} of the latent): use an image whose width and height are "
-                         f"multiples of {factor * 8} px")
-    return [layer for layer in layers if layer.downsample == factor], (height // factor, width // factor)
+    def feedforwards(self, diffusion_model) -> list[torch.nn.Module]:
+        """The feed-forward modules whose activations a guided pass may recompute instead of storing."""
+        if self.family_impl is not None:
+            return self.family_impl.feedforwards(diffusion_model)
+        return self.family.feedforwards(diffusion_model)

@@ -285,7 +285,7 @@ def measure_steps(model, positive, negative, subjects, args, results: dict) -> N
         s_in = torch.ones(noise.shape[0], device=noise.device)
         model_sampling = model_wrap.inner_model.model_sampling
         x = model_sampling.noise_scaling(sigma, noise, latent_image)
-        layers, resolution = capture_module.select_layers(model_wrap.inner_model.diffusion_model, noise.shape, 0)
+        layers, resolution = pack_module("attention_patch.unet").select_layers(model_wrap.inner_model.diffusion_model, noise.shape, 0)
         binding = sampler_module.bind_subjects(subjects, model_wrap.conds)
         capture = capture_module.AttentionCapture(layers, resolution, binding.cond.get("uuid"))
         options = capture.install(extra_args["model_options"])

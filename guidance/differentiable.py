@@ -122,6 +122,14 @@ def _tensors(value):
             yield from _tensors(item)
 
 
+def _detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach() if value.requires_grad else value
+    if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
+        return type(value)(_detached(v) for v in value)
+    return value
+
+
 _INPLACE_OPERATORS = {f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul",
                                                  "and", "or", "xor", "lshift", "rshift")} | {"__setitem__"}
 _METADATA_ONLY = {"requires_grad_", "share_memory_", "detach_"}  # named like in-place ops, write no values
@@ -294,10 +302,14 @@ class GuidedPassMode(TorchFunctionMode):
                 return func(*args, **kwargs)
             if not any(t.requires_grad and not t.is_inference() for t in tensors):
                 # not on the latent's path (that is all tensors of this pass, never inference tensors): nothing
-                # to record. Some hosts' inference-tensor weights have requires_grad set; no_grad keeps
-                # autograd from recording (and saving) them, as their gradient is never asked for.
-                with torch.no_grad():
-                    return func(*args, **kwargs)
+                # to record. Some hosts' inference-tensor weights have requires_grad set: detached, autograd does
+                # not record (and save) them, as their gradient is never asked for. Not no_grad: a view made
+                # there (a linear's 3-D output) may not be edited in place later by a value on the latent's
+                # path (Flux's `txt += ...` in its first double block)
+                if any(t.requires_grad for t in tensors):
+                    args = tuple(_detached(a) for a in args)
+                    kwargs = {k: _detached(v) for k, v in kwargs.items()}
+                return func(*args, **kwargs)
             frozen = _FROZEN.get(func)
             if frozen is not None and any(t.is_inference() for t in tensors):
                 out = frozen(args, kwargs)
@@ -346,13 +358,16 @@ def wrapped_forwards(modules, wrap):
 
 
 @contextlib.contextmanager
-def recompute_feedforward(diffusion_model: torch.nn.Module, enabled: bool = True):
-    """During the block, the transformer feed-forwards of `diffusion_model` store only their input for the
-    backward and recompute the rest there (`wrapped_forwards`)."""
+def recompute_feedforward(diffusion_model: torch.nn.Module, enabled: bool = True, modules=None):
+    """During the block, the transformer feed-forwards of `diffusion_model` (the UNet's FeedForward modules, or
+    `modules`: a DiT family's MLPs) store only their input for the backward and recompute the rest there
+    (`wrapped_forwards`)."""
     if not enabled:
         yield
         return
-    from comfy.ldm.modules.attention import FeedForward
-    feedforwards = [m for m in diffusion_model.modules() if isinstance(m, FeedForward)]
+    if modules is None:
+        from comfy.ldm.modules.attention import FeedForward
+        modules = [m for m in diffusion_model.modules() if isinstance(m, FeedForward)]
+    feedforwards = list(modules)
     with wrapped_forwards(feedforwards, lambda _module, forward: _recomputed(forward)):
         yield

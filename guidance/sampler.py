@@ -19,7 +19,8 @@ import torch
 import comfy.model_management
 import comfy.samplers
 
-from ..attention_patch.capture import AttentionCapture, TruncatedPass, select_layers
+from ..attention_patch import dit
+from ..attention_patch.capture import AttentionCapture, TruncatedPass, select_capture
 from ..attention_patch.record import AttentionRecord, StepLoss
 from ..text.subjects import Subjects, find_run, token_digests
 from . import losses as L
@@ -162,8 +163,9 @@ class GuidanceRun:
         sigmas = sigma.reshape(-1)[:1].expand(x.shape[0]).to(x.dtype)
         self.residual_ids.clear()
         try:
-            with GuidedPassMode(self.residual_ids), recompute_feedforward(self.inner_model.diffusion_model,
-                                                                            self.config.recompute_feedforward):
+            diffusion_model = self.inner_model.diffusion_model
+            with GuidedPassMode(self.residual_ids), recompute_feedforward(
+                    diffusion_model, self.config.recompute_feedforward, capture.feedforwards(diffusion_model)):
                 # only the subjects' cond: its maps are the ones guided, wherever it sits in the positive
                 comfy.samplers.calc_cond_batch(self.inner_model, [[self.cond]], self.model_input(x, sigmas), sigmas,
                                                self.model_options)
@@ -214,8 +216,8 @@ class GuidanceRun:
         config = self.config
         step_size = float(self.step_sizes[step])
         # per_call_weights spans forwards and backwards: cast layers make their weight again in the backward
-        with torch.inference_mode(False), torch.enable_grad(), per_call_weights(self.inner_model.diffusion_model,
-                                                                                  config.recast_weights):
+        with torch.inference_mode(False), torch.enable_grad(), dit.differentiable_host(), \
+                per_call_weights(self.inner_model.diffusion_model, config.recast_weights):
             latent = x.detach().clone().requires_grad_(True)
             total, terms, maps = self.loss(latent, sigma)
             entry = StepLoss(step, float(sigma), {k: v.tolist() for k, v in terms.items()}, total.tolist())
@@ -513,12 +515,14 @@ class AttentionSampler(comfy.samplers.KSAMPLER):
     """A SAMPLER that records subject attention and, if configured, guides the latent."""
 
     def __init__(self, inner: comfy.samplers.KSAMPLER, subjects: Subjects, config: GuidanceConfig | None = None,
-                 attention_resolution: int = 0, record_maps: bool = True, initno: InitNOConfig | None = None):
+                 attention_resolution: int = 0, record_maps: bool = True, initno: InitNOConfig | None = None,
+                 blocks: str = ""):
         super().__init__(inner.sampler_function, inner.extra_options, inner.inpaint_options)
         self.subjects = subjects
         self.initno = initno
         self.config = config or GuidanceConfig(loss_weights={})
         self.attention_resolution = attention_resolution
+        self.blocks = blocks  # DiT models: which joint-attention blocks are read ('' = the family's default)
         self.record_maps = record_maps
         self.last_record: AttentionRecord | None = None
         self.warnings = validate_config(self.config, subjects)
@@ -526,12 +530,13 @@ class AttentionSampler(comfy.samplers.KSAMPLER):
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
         diffusion_model = model_wrap.inner_model.diffusion_model
-        layers, resolution = select_layers(diffusion_model, noise.shape, self.attention_resolution)
+        layout = select_capture(diffusion_model, noise.shape, self.attention_resolution, self.blocks)
+        layers, resolution = layout.units, layout.resolution
         binding = bind_subjects(self.subjects, getattr(model_wrap, "conds", {}) or {})
         _check_tokens(binding)
         for warning in self.warnings:
             log.warning("attention guidance: %s", warning)
-        capture = AttentionCapture(layers, resolution, binding.cond.get("uuid"))
+        capture = AttentionCapture.for_layout(layout, binding.cond.get("uuid"))
         extra_args = dict(extra_args)
         # the guided passes always read maps; the sampler's own passes only when maps are recorded, so that
         # unguided steps cost what plain sampling costs
@@ -551,6 +556,9 @@ class AttentionSampler(comfy.samplers.KSAMPLER):
         else:
             model_k.noise = noise
         model_sampling = model_wrap.inner_model.model_sampling
+        if self.initno is not None and layout.name != "unet":
+            raise ValueError(f"InitNO reads the UNet's self-attention for its conflict score; it is not available for "
+                             f"{layout.name} models yet: disconnect the InitNO input (every loss still works)")
         if self.initno is not None:  # a better start: only the noise changes
             noise = self._initno(model_k, captured_options, layers, capture, binding, record, sigmas, noise,
                                  latent_image, extra_args.get("seed") or 0, self.max_denoise(model_wrap, sigmas))
@@ -609,7 +617,8 @@ class AttentionSampler(comfy.samplers.KSAMPLER):
             generator = torch.Generator().manual_seed(int(seed) + round_index)
             return torch.randn(noise.shape, generator=generator).to(noise)
 
-        with torch.inference_mode(False), torch.enable_grad(), per_call_weights(stage.inner_model.diffusion_model):
+        with torch.inference_mode(False), torch.enable_grad(), dit.differentiable_host(), \
+                per_call_weights(stage.inner_model.diffusion_model):
             result = initno.optimise_noise(scores, noise.detach().clone(), fresh_noise, self.initno)
         record.initno = {"succeeded": result.succeeded, "response": result.response, "conflict": result.conflict,
                          "kl": result.kl, "history": result.history}

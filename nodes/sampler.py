@@ -9,7 +9,16 @@ from ..guidance.sampler import AttentionSampler
 from .types import ADVANCED, AttentionMaps, Guidance, InitNO, Subjects
 
 _RESOLUTION_TIP = ("Side of the captured attention maps in latent pixels / downsampling; 0 = Attend-and-Excite's "
-                   "choice, 1/4 of the latent (16x16 for SD1.x at 512 px, 32x32 for SDXL at 1024 px).")
+                   "choice, 1/4 of the latent (16x16 for SD1.x at 512 px, 32x32 for SDXL at 1024 px). "
+                   "UNet models only: DiT models (SD3, Flux) are read at their token grid.")
+_BLOCKS_TIP = ("DiT models (SD3/SD3.5, Flux): the joint-attention blocks whose maps are read. Empty: all of SD3's "
+               "joint blocks, Flux's double blocks (as FOCUS; the guided pass then skips the single blocks). Also "
+               "'all', 'double', 'single', or indices/ranges such as '0-9, 12'. UNet models: leave empty.")
+
+
+def _blocks_input():
+    # last, so that workflows saved before it keep their widget values
+    return io.String.Input("blocks", default="", optional=True, **ADVANCED, tooltip=_BLOCKS_TIP)
 
 
 def _common_inputs():
@@ -57,6 +66,7 @@ class AttentionKSampler(io.ComfyNode):
                 io.Boolean.Input("record_maps", default=True, **ADVANCED,
                                  tooltip="Record the maps of every step for the visualiser. Off: no capture "
                                          "overhead outside the guided steps."),
+                _blocks_input(),
             ],
             outputs=[
                 io.Latent.Output(tooltip="The denoised latent."),
@@ -67,14 +77,14 @@ class AttentionKSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
-                subjects, attention_resolution, record_maps, guidance=None, initno=None) -> io.NodeOutput:
+                subjects, attention_resolution, record_maps, guidance=None, initno=None, blocks="") -> io.NodeOutput:
         latent = latent_image
         samples_in = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         noise = comfy.sample.prepare_noise(samples_in, seed, latent.get("batch_index"))
         ksampler = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
                                            scheduler=scheduler, denoise=denoise, model_options=model.model_options)
         sampler = AttentionSampler(comfy.samplers.sampler_object(sampler_name), subjects, guidance,
-                                   attention_resolution, record_maps, initno)
+                                   attention_resolution, record_maps, initno, blocks or "")
         callback = latent_preview.prepare_callback(model, steps)
         samples = comfy.sample.sample_custom(model, noise, cfg, sampler, ksampler.sigmas, positive, negative,
                                              samples_in, noise_mask=latent.get("noise_mask"), callback=callback,
@@ -102,15 +112,17 @@ class AttentionSamplerNode(io.ComfyNode):
                 io.Boolean.Input("record_maps", default=False, **ADVANCED,
                                  tooltip="Record every step's maps, for Attention From Sampler. Off: no capture "
                                          "overhead outside the guided steps."),
+                _blocks_input(),
             ],
             outputs=[io.Sampler.Output()],
         )
 
     @classmethod
     def execute(cls, sampler_name, subjects, attention_resolution, record_maps=False, guidance=None,
-                initno=None) -> io.NodeOutput:
+                initno=None, blocks="") -> io.NodeOutput:
         return io.NodeOutput(AttentionSampler(comfy.samplers.sampler_object(sampler_name), subjects, guidance,
-                                              attention_resolution, record_maps=record_maps, initno=initno))
+                                              attention_resolution, record_maps=record_maps, initno=initno,
+                                              blocks=blocks or ""))
 
 
 class AttentionFromSampler(io.ComfyNode):

@@ -8,6 +8,7 @@ import torch
 from harness import pack_module
 
 capture_mod = pack_module("attention_patch.capture")
+unet_mod = pack_module("attention_patch.unet")
 sampler_nodes = pack_module("nodes.sampler")
 subjects_mod = pack_module("text.subjects")
 
@@ -45,7 +46,7 @@ class SpyReplace:
 
 def _with_spy(model, spy):
     patched = model.clone()
-    for layer in capture_mod.cross_attention_layers(patched.model.diffusion_model):
+    for layer in unet_mod.cross_attention_layers(patched.model.diffusion_model):
         block, number, index = layer.key
         patched.set_model_attn2_replace(spy, block, number, index)
     return patched
@@ -56,7 +57,7 @@ def test_maps_equal_independent_softmax_of_the_same_q_k(sd15):
     spy = SpyReplace()
     _, record, _ = _attention_ksampler(_with_spy(model, spy), clip, steps=1)
     # the first model evaluation's calls at the captured (1/4, 8x8) layers, in execution order
-    captured = [layer for layer in capture_mod.cross_attention_layers(model.model.diffusion_model)
+    captured = [layer for layer in unet_mod.cross_attention_layers(model.model.diffusion_model)
                 if layer.downsample == 4]
     first_eval = [(q, k, heads, cond_or_uncond) for q, k, heads, cond_or_uncond, _block in spy.calls
                   if q.shape[1] == 64][:len(captured)]
@@ -124,7 +125,7 @@ def test_attention_resolution_choices(sd15):
 
 def test_model_family_without_unet_cross_attention_is_refused():
     with pytest.raises(capture_mod.UnsupportedModelError, match="SD1.x, SD2.x and SDXL"):
-        capture_mod.cross_attention_layers(torch.nn.Linear(2, 2))
+        unet_mod.cross_attention_layers(torch.nn.Linear(2, 2))
 
 
 def test_record_maps_off_records_nothing(sd15):

@@ -14,6 +14,7 @@ sampler_mod = pack_module("guidance.sampler")
 sampler_nodes = pack_module("nodes.sampler")
 subjects_mod = pack_module("text.subjects")
 capture_mod = pack_module("attention_patch.capture")
+unet_mod = pack_module("attention_patch.unet")
 GuidanceConfig = sampler_mod.GuidanceConfig
 
 TEXT = "a cat and a frog"
@@ -204,7 +205,7 @@ def test_ipadapter_style_replace_runs_in_guided_passes(sd15):
         return attention.optimized_attention(q, k, v, extra_options["n_heads"]) * 1.01
 
     patched = model.clone()
-    for layer in capture_mod.cross_attention_layers(patched.model.diffusion_model):
+    for layer in unet_mod.cross_attention_layers(patched.model.diffusion_model):
         block, number, _index = layer.key
         patched.set_model_attn2_replace(replace, block, number)  # keyed without transformer index, as IPAdapter
     out, record = _run(patched, clip, AE, steps=3)
