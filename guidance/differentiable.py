@@ -63,7 +63,12 @@ def _bound(names, args, kwargs, defaults):
 
 def frozen_weight_linear(args, kwargs):
     x, weight, bias = _bound(("input", "weight", "bias"), args, kwargs, {})
-    return _FrozenWeightLinear.apply(x, weight, bias)
+    if x.ndim <= 2:
+        return _FrozenWeightLinear.apply(x, weight, bias)
+    # on the rows, reshaped outside the Function: a view made inside a custom Function may not be edited in
+    # place (Flux adds its residuals in place: `img += ...` on img_in's output); the same addmm either way
+    out = _FrozenWeightLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def frozen_weight_conv2d(args, kwargs):

@@ -1,0 +1,295 @@
+"""Attention guidance on DiT models (SD3/SD3.5's MMDiT, Flux): the joint-attention capture, capture-only parity
+with KSampler, the guided pass's gradient, every loss's step, composition and clear errors.
+
+Tiny models from ComfyUI's own classes (runner/tiny_models.py), loaded as ComfyUI's loaders load them (weights
+are inference tensors), sampled inside inference_mode as ComfyUI's executor samples."""
+import comfy.sample
+import comfy.samplers
+import nodes
+import pytest
+import torch
+from harness import pack_module, run_node
+
+sampler_mod = pack_module("guidance.sampler")
+capture_mod = pack_module("attention_patch.capture")
+dit = pack_module("attention_patch.dit")
+losses = pack_module("guidance.losses")
+text_encode = pack_module("nodes.text_encode")
+ksampler_node = pack_module("nodes.sampler")
+tiny = pack_module("runner.tiny_models")
+GuidanceConfig = sampler_mod.GuidanceConfig
+
+TEXT = "a red cat and a blue frog"
+SUBJECTS = "red cat, blue frog"
+SEED = 3
+STEPS = 4
+LATENT = (1, 16, 16, 16)  # 128 px: an 8x8 token grid
+CFG = {"flux": 1.0, "flux_schnell": 1.0, "sd3": 4.0, "sd35m": 4.0}
+CLIP_OF = {"flux": "flux", "flux_schnell": "flux", "sd3": "sd3", "sd35m": "sd3"}
+
+
+@pytest.fixture(scope="module")
+def dit_models():
+    built = {}
+
+    def get(family):
+        if family not in built:
+            with torch.inference_mode():  # as ComfyUI's loaders give them: inference-tensor weights
+                built[family] = tiny.make_model(family, seed=11), tiny.make_clip(CLIP_OF[family])
+        return built[family]
+    return get
+
+
+def _encode(clip, text=TEXT, subjects=SUBJECTS):
+    return text_encode.AttentionTextEncode.execute(clip, text, subjects).args
+
+
+def _conds(family, clip):
+    positive, subjects = _encode(clip)
+    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    if family == "flux":  # guidance-distilled: the guidance goes in as a cond value, as FluxGuidance sets it
+        positive = run_node(comfy_extras_flux().FluxGuidance, conditioning=positive, guidance=3.5)[0]
+    return positive, negative, subjects
+
+
+def comfy_extras_flux():
+    import comfy_extras.nodes_flux as flux_nodes
+    return flux_nodes
+
+
+def _noise():
+    return torch.randn(LATENT, generator=torch.Generator().manual_seed(SEED))
+
+
+def _sample(model, sampler, positive, negative, cfg, steps=STEPS):
+    sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler="euler",
+                                     scheduler="simple", denoise=1.0, model_options=model.model_options).sigmas
+    with torch.inference_mode():
+        return comfy.sample.sample_custom(model, _noise(), cfg, sampler, sigmas, positive, negative,
+                                          torch.zeros(LATENT), disable_pbar=True, seed=SEED)
+
+
+# ---------------------------------------------------------------- capture
+
+class _Spy:
+    """An optimized_attention_override another pack installed first: records every call's q/k, then runs."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, func, *args, **kwargs):
+        options = kwargs.get("transformer_options") or {}
+        self.calls.append({"q": args[0].detach().clone(), "k": args[1].detach().clone(),
+                           "heads": args[3] if len(args) > 3 else kwargs.get("heads"),
+                           "skip_reshape": kwargs.get("skip_reshape", False),
+                           "block": (options.get("block_type"), options.get("block_index")),
+                           "cond_or_uncond": list(options.get("cond_or_uncond", []))})
+        return func(*args, **kwargs)
+
+
+def _heads_first(call):
+    q, k = call["q"].double(), call["k"].double()
+    if call["skip_reshape"]:
+        return q, k
+    b, length, inner = q.shape
+    heads = call["heads"]
+    return (q.reshape(b, length, heads, -1).transpose(1, 2), k.reshape(b, length, heads, -1).transpose(1, 2))
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "sd35m"])
+def test_captured_maps_equal_an_independent_softmax_and_a_prior_override_still_runs(dit_models, family):
+    """The maps are the image-query x text-key slice of softmax(q k^T / sqrt(d)) over ALL keys, averaged over the
+    heads of the captured blocks, for the positive rows; another pack's override (installed first) still runs
+    for every call, and its output is the layer's (the sampled latent equals the one without the capture)."""
+    model, clip = dit_models(family)
+    positive, negative, subjects = _conds(family, clip)
+    spy = _Spy()
+    patched = model.clone()
+    patched.model_options["transformer_options"] = dict(patched.model_options.get("transformer_options", {}),
+                                                        optimized_attention_override=spy)
+    sampler = sampler_mod.AttentionSampler(comfy.samplers.sampler_object("euler"), subjects)
+    captured = _sample(patched, sampler, positive, negative, CFG[family], steps=1)
+    spied_calls = list(spy.calls)
+    spy.calls.clear()
+    plain = _sample(patched, comfy.samplers.sampler_object("euler"), positive, negative, CFG[family], steps=1)
+    assert torch.equal(captured, plain)
+    assert len(spied_calls) == len(spy.calls) > 0, "the prior override did not see every attention call"
+
+    record = sampler.last_record
+    text, image = positive[0][0].shape[1], 8 * 8
+    assert record.resolution == (8, 8)
+    joint, summed, heads = [], 0, 0
+    for call in spied_calls:
+        q, k = _heads_first(call)
+        if q.shape[2] != k.shape[2] or k.shape[2] < text + image:
+            assert family == "sd35m" and k.shape[2] == image  # MMDiT-X's image-only self-attention: skipped
+            continue
+        joint.append(call)
+        if family == "flux" and call["block"][0] != "double":
+            continue  # Flux's default: the double blocks
+        row = call["cond_or_uncond"].index(0) if 0 in call["cond_or_uncond"] else None
+        chunk = q.shape[0] // len(call["cond_or_uncond"])
+        probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+        assert torch.allclose(probs.sum(-1), torch.ones((), dtype=probs.dtype))
+        rows = probs[row * chunk:(row + 1) * chunk, :, text:text + image, :text]
+        summed, heads = summed + rows.sum(dim=1), heads + rows.shape[1]
+    # Flux: 2 double + 2 single blocks (cfg 1: no negative pass); SD3: 3 joint blocks, cond and uncond batched
+    assert len(joint) == {"flux": 4, "sd3": 3, "sd35m": 3}[family]
+    expected = (summed / heads).float()
+    got = record.maps[0]
+    assert got.shape == expected.shape
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+    assert float(got.sum(-1).max()) <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_capture_only_sampling_equals_ksampler_bit_for_bit(dit_models, family):
+    """Attention KSampler without GUIDANCE is KSampler (SD3 with CFG, Flux with its guidance embedding), and its
+    ATTENTION holds one entry per step on the model's token grid."""
+    model, clip = dit_models(family)
+    positive, negative, subjects = _conds(family, clip)
+    latent = {"samples": torch.zeros(LATENT)}
+    common = dict(model=model, seed=SEED, steps=STEPS, cfg=CFG[family], sampler_name="euler", scheduler="simple",
+                  positive=positive, negative=negative, latent_image=latent, denoise=1.0)
+    with torch.inference_mode():
+        plain = nodes.KSampler().sample(**common)[0]["samples"]
+        out, record = ksampler_node.AttentionKSampler.execute(subjects=subjects, attention_resolution=0,
+                                                              record_maps=True, **common).args
+    assert torch.equal(out["samples"], plain)
+    assert record.steps == list(range(STEPS)) and record.resolution == (8, 8)
+    assert all(m.shape == (1, 64, subjects.num_tokens) for m in record.maps)
+
+
+def _guided_inspect(model, clip, family, config, inspect):
+    """inspect(run, x, total, sigma) at the first guided update, through the pack's sampler in inference mode."""
+    positive, negative, subjects = _conds(family, clip)
+    seen = []
+    original = sampler_mod.GuidanceRun.update
+
+    def update(self, x, total, sigma, step_size, active=None):
+        if not seen:
+            seen.append(inspect(self, x, total, sigma))
+        return original(self, x, total, sigma, step_size, active)
+
+    sampler = sampler_mod.AttentionSampler(comfy.samplers.sampler_object("euler"), subjects, config)
+    sampler_mod.GuidanceRun.update = update
+    try:
+        _sample(model, sampler, positive, negative, CFG[family])
+    finally:
+        sampler_mod.GuidanceRun.update = original
+    return seen[0], sampler
+
+
+def _maps_functional(run, x, sigma, weights):
+    """A smooth scalar of the differentiable maps (finite differences need no max or clamp); zero-mean weights
+    keep the rows' near-constant sums from drowning the difference in fp32 rounding."""
+    return (run.forward_maps(x, sigma).double() * weights).sum()
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_guided_gradient_equals_full_pass_and_finite_differences(dit_models, family):
+    """The truncated guided pass (Flux: no single block runs) gives the full pass's gradient, and the gradient of
+    the maps agrees with central finite differences along a random direction."""
+    model, clip = dit_models(family)
+    config = GuidanceConfig(refinement=(), guidance_end=0.25)
+
+    def inspect(run, x, total, sigma):
+        truncated = torch.autograd.grad(total.sum(), [x], retain_graph=True)[0]
+        run.config = GuidanceConfig(refinement=(), guidance_end=0.25, truncate_pass=False)
+        full_x = x.detach().clone().requires_grad_(True)
+        full_total, _terms, _maps = run.loss(full_x, sigma)
+        full = torch.autograd.grad(full_total.sum(), [full_x])[0]
+        weights = torch.rand(run.forward_maps(x.detach(), sigma).shape, generator=torch.Generator().manual_seed(1),
+                             dtype=torch.float64) - 0.5
+        smooth_x = x.detach().clone().requires_grad_(True)
+        grad = torch.autograd.grad(_maps_functional(run, smooth_x, sigma, weights), [smooth_x])[0]
+        # along the gradient mixed with a random direction: a derivative well above fp32's rounding, which a wrong
+        # gradient would still miss
+        direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+        direction = grad / grad.norm() + 0.5 * direction / direction.norm()
+        eps = 5e-2
+        with torch.no_grad():
+            up = _maps_functional(run, x.detach() + eps * direction, sigma, weights)
+            down = _maps_functional(run, x.detach() - eps * direction, sigma, weights)
+        return truncated, full, float((grad * direction).sum()), float((up - down) / (2 * eps))
+
+    (truncated, full, analytic, numeric), _sampler = _guided_inspect(model, clip, family, config, inspect)
+    assert full.abs().sum() > 0
+    assert ((truncated - full).norm() / full.norm()).item() < 1e-5
+    assert abs(analytic - numeric) <= 1e-3 * abs(numeric), (analytic, numeric)
+
+
+def test_flux_guided_pass_runs_no_single_block(dit_models, monkeypatch):
+    """With Flux's default blocks (the double ones), the guided pass stops after the last double block: none of
+    the single blocks runs under autograd; the sampler's own passes run them all."""
+    import comfy.ldm.flux.layers as flux_layers
+    model, clip = dit_models("flux")
+    ran = {"guided": 0, "plain": 0}
+    original = flux_layers.SingleStreamBlock.forward
+
+    def forward(self, *args, **kwargs):
+        ran["guided" if torch.is_grad_enabled() else "plain"] += 1
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(flux_layers.SingleStreamBlock, "forward", forward)
+    _guided_inspect(model, clip, "flux", GuidanceConfig(refinement=(), guidance_end=0.5), lambda *a: None)
+    assert ran["guided"] == 0 and ran["plain"] == STEPS * 2
+
+
+BINDING = {"divide_and_bind_binding", "syngen", "conform"}
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("loss", sorted(losses.LOSSES))
+def test_every_loss_is_lower_after_its_update(dit_models, family, loss):
+    """One guided update x <- x - alpha dL/dx (c_in = 1 for flow models) lowers each registered loss."""
+    model, clip = dit_models(family)
+    weights = {loss: 1.0}
+    if loss == "retention":  # needs the previous step's masks: A&E's loss gives them
+        weights = {"attend_and_excite": 1.0, "retention": 1.0}
+    config = GuidanceConfig(loss_weights=weights, refinement=(), guidance_end=0.5)
+    original = sampler_mod.GuidanceRun.update
+
+    def inspect(run, x, total, sigma):
+        if loss == "retention" and run.previous_masks is None:
+            return None
+        fresh = x.detach().clone().requires_grad_(True)  # its own graph: the sampler's update still needs x's
+        total, _terms, _maps = run.loss(fresh, sigma)
+        before = float(total.sum())
+        moved = original(run, fresh, total, sigma, 1.0)
+        after, _terms, _maps = run.loss(moved.requires_grad_(True), sigma)
+        return before, float(after.sum())
+
+    seen = []
+
+    def update(self, x, total, sigma, step_size, active=None):
+        result = inspect(self, x, total, sigma) if len(seen) < 1 else None
+        if result is not None:
+            seen.append(result)
+        return original(self, x, total, sigma, step_size, active)
+
+    positive, negative, subjects = _conds(family, clip)
+    sampler = sampler_mod.AttentionSampler(comfy.samplers.sampler_object("euler"), subjects, config)
+    sampler_mod.GuidanceRun.update = update
+    try:
+        _sample(model, sampler, positive, negative, CFG[family])
+    finally:
+        sampler_mod.GuidanceRun.update = original
+    assert seen, f"loss {loss} was never guided"
+    before, after = seen[0]
+    assert after < before, (loss, before, after)
+
+
+def test_blocks_choice_and_unsupported_families_give_clear_errors(dit_models):
+    model, _clip = dit_models("flux")
+    diffusion_model = model.model.diffusion_model
+    layout = capture_mod.select_capture(diffusion_model, LATENT, blocks="single")
+    assert [u.key for u in layout.units] == [("single", 0), ("single", 1)] and layout.resolution == (8, 8)
+    assert [u.key for u in capture_mod.select_capture(diffusion_model, LATENT, blocks="0, 2-3").units] == \
+        [("double", 0), ("single", 0), ("single", 1)]
+    with pytest.raises(ValueError, match=r"blocks '7' .* 4 attention blocks \(2 double, 2 single\).* 0\.\.3"):
+        capture_mod.select_capture(diffusion_model, LATENT, blocks="7")
+    unet_model = tiny.make_model("sd15")
+    with pytest.raises(ValueError, match="selects DiT blocks"):
+        capture_mod.select_capture(unet_model.model.diffusion_model, (1, 4, 32, 32), blocks="double")
+    with pytest.raises(capture_mod.UnsupportedModelError, match=r"SD3/SD3\.5 \(MMDiT\) and Flux"):
+        capture_mod.select_capture(torch.nn.Linear(2, 2), LATENT)
