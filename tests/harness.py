@@ -67,6 +67,18 @@ def sdxl(tiny):
 
 
 @pytest.fixture(scope="session")
+def sd3(tiny):
+    """The tiny SD3-medium-shaped MMDiT and its CLIP-L + CLIP-G + T5 text encoder."""
+    return tiny.make_model("sd3"), tiny.make_clip("sd3")
+
+
+@pytest.fixture(scope="session")
+def flux(tiny):
+    """The tiny Flux.1-dev-shaped model (guidance embedding) and its CLIP-L + T5 text encoder."""
+    return tiny.make_model("flux"), tiny.make_clip("flux")
+
+
+@pytest.fixture(scope="session")
 def families(sd15, sd2, sdxl):
     return {"sd15": sd15, "sd2": sd2, "sdxl": sdxl}
 

@@ -293,3 +293,33 @@ def test_blocks_choice_and_unsupported_families_give_clear_errors(dit_models):
         capture_mod.select_capture(unet_model.model.diffusion_model, (1, 4, 32, 32), blocks="double")
     with pytest.raises(capture_mod.UnsupportedModelError, match=r"SD3/SD3\.5 \(MMDiT\) and Flux"):
         capture_mod.select_capture(torch.nn.Linear(2, 2), LATENT)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "sd35m"])
+def test_captured_maps_equal_diffusers_attention_on_a_twin(family):
+    """On diffusers' transformer with the same weights (ComfyUI's key maps), the maps computed from diffusers'
+    own attention equal the pack's capture of ComfyUI's model (every joint block; Flux: double and single)."""
+    from reference.diffusers_dit_twin import flux_twin, joint_blocks, record_text_attention, sd3_twin
+    model = tiny.make_model(family, seed=5)
+    clip = tiny.make_clip(CLIP_OF[family])
+    twin = (flux_twin if family.startswith("flux") else sd3_twin)(model)
+    context, pooled = clip.encode_from_tokens(clip.tokenize(TEXT), return_pooled=True)
+    latent = torch.randn(1, 16, 12, 16, generator=torch.Generator().manual_seed(7))  # 6x8 tokens: not square
+    sigma = torch.tensor([0.7])
+    guidance = torch.tensor([3.5]) if family == "flux" else None
+    expected = record_text_attention(twin, latent, sigma, context, pooled, guidance, blocks=joint_blocks(twin)).mean(
+        joint_blocks(twin))
+
+    diffusion_model = model.model.diffusion_model
+    layout = capture_mod.select_capture(diffusion_model, latent.shape, blocks="all")
+    capture = capture_mod.AttentionCapture.for_layout(layout)
+    options = capture.install({"transformer_options": {}})["transformer_options"]
+    options["cond_or_uncond"] = [0]
+    capture.recording = True
+    capture.begin_evaluation()
+    extra = {"guidance": guidance} if guidance is not None else {}
+    with torch.no_grad():
+        model.model.apply_model(latent, sigma, c_crossattn=context, y=pooled, transformer_options=options, **extra)
+    got = capture.aggregated()
+    assert capture.grid == (6, 8) and got.shape == expected.shape
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-4
