@@ -323,3 +323,48 @@ def test_captured_maps_equal_diffusers_attention_on_a_twin(family):
     got = capture.aggregated()
     assert capture.grid == (6, 8) and got.shape == expected.shape
     assert ((got - expected).norm() / expected.norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_visualiser_draws_dit_records(dit_models, family):
+    """Every mode of the visualiser draws a guided DiT run's record (maps at the token grid, losses per step)."""
+    visualiser = pack_module("nodes.visualiser")
+    model, clip = dit_models(family)
+    positive, negative, subjects = _conds(family, clip)
+    config = GuidanceConfig(loss_weights={"attend_and_excite": 1.0, "segregation": 1.0, "divide_and_bind_binding": 1.0},
+                            refinement=(), guidance_end=0.5)
+    sampler = sampler_mod.AttentionSampler(comfy.samplers.sampler_object("euler"), subjects, config, record_maps=True)
+    _sample(model, sampler, positive, negative, CFG[family])
+    record = sampler.last_record
+    assert [entry.step for entry in record.losses] == [0, 1]
+    for mode in visualiser.MODES:
+        image = visualiser.AttentionVisualize.execute(record, mode, -1, "turbo", 0.6, 0).args[0]
+        assert image.ndim == 4 and image.shape[-1] == 3 and float(image.std()) > 0.01, mode
+
+
+def test_lora_patched_flux_is_captured_and_guided_with_its_patch(dit_models):
+    """A weight patch on a double block's attention (ModelPatcher.add_patches, the mechanism LoraLoader uses):
+    capture-only sampling still equals KSampler on the patched model, and the maps are the patched model's."""
+    model, clip = dit_models("flux")
+    positive, negative, subjects = _conds("flux", clip)
+    key = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
+    weight = model.model.state_dict()[key]
+    generator = torch.Generator().manual_seed(4)
+    low_rank = torch.randn(weight.shape[0], 4, generator=generator) @ torch.randn(4, weight.shape[1], generator=generator)
+    patched = model.clone()
+    assert patched.add_patches({key: (low_rank / weight.shape[1] ** 0.5,)}, strength_patch=1.0) == [key]
+    latent = {"samples": torch.zeros(LATENT)}
+    common = dict(seed=SEED, steps=STEPS, cfg=1.0, sampler_name="euler", scheduler="simple", positive=positive,
+                  negative=negative, latent_image=latent, denoise=1.0)
+    records = {}
+    with torch.inference_mode():
+        for name, m in (("plain", model), ("lora", patched)):
+            reference = nodes.KSampler().sample(model=m, **common)[0]["samples"]
+            out, records[name] = ksampler_node.AttentionKSampler.execute(
+                model=m, subjects=subjects, attention_resolution=0, record_maps=True, **common).args
+            assert torch.equal(out["samples"], reference), name
+    assert not torch.allclose(records["plain"].maps[0], records["lora"].maps[0], atol=1e-4)
+    config = GuidanceConfig(refinement=(), guidance_end=0.5)
+    sampler = sampler_mod.AttentionSampler(comfy.samplers.sampler_object("euler"), subjects, config)
+    guided = _sample(patched, sampler, positive, negative, 1.0)
+    assert torch.isfinite(guided).all() and len(sampler.last_record.losses) == 2
