@@ -125,8 +125,11 @@ def test_captured_maps_equal_an_independent_softmax_and_a_prior_override_still_r
             assert family == "sd35m" and k.shape[2] == image  # MMDiT-X's image-only self-attention: skipped
             continue
         joint.append(call)
-        if family == "flux" and call["block"][0] != "double":
-            continue  # Flux's default: the double blocks
+        # Flux's default: the double blocks (older hosts name no block: they run first, in order)
+        if family == "flux":
+            doubles = len(model.model.diffusion_model.double_blocks)
+            if (call["block"][0] or ("double" if len(joint) <= doubles else "single")) != "double":
+                continue
         row = call["cond_or_uncond"].index(0) if 0 in call["cond_or_uncond"] else None
         chunk = q.shape[0] // len(call["cond_or_uncond"])
         probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
@@ -368,3 +371,12 @@ def test_lora_patched_flux_is_captured_and_guided_with_its_patch(dit_models):
     sampler = sampler_mod.AttentionSampler(comfy.samplers.sampler_object("euler"), subjects, config)
     guided = _sample(patched, sampler, positive, negative, 1.0)
     assert torch.isfinite(guided).all() and len(sampler.last_record.losses) == 2
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_flow_models_see_the_latent_itself(dit_models, family):
+    """c_in = 1 for flow models (x_t = sigma noise + (1 - sigma) x0): the update x <- x - alpha dL/dx / c_in^2 is
+    Attend-and-Excite's z-space step on a latent of unit scale."""
+    model, _clip = dit_models(family)
+    sigmas = torch.tensor([1.0, 0.5, 0.05])
+    assert torch.equal(sampler_mod.input_scale(model.model.model_sampling, sigmas), torch.ones(3))
