@@ -277,11 +277,62 @@ def make_vae(seed: int = 2, family: str = "sd15") -> comfy.sd.VAE:
     return vae
 
 
-def make_controlnet(family: str = "sd15", seed: int = 3):
-    """A CONTROL_NET for the tiny model of `family` (ComfyUI's cldm.ControlNet), with random weights.
+# The tiny DiT ControlNets: SD3 (comfy.cldm.mmdit.ControlNet, as `load_controlnet_mmdit` builds it) with 1 joint
+# block, whose output ComfyUI repeats over the main model's depth (3 // 1 - 1 = 2 residuals, after joint blocks 0
+# and 1, one tensor); Flux (comfy.ldm.flux.controlnet.ControlNetFlux, XLabs form with a pixel hint, as
+# `load_controlnet_flux_xlabs_mistoline` builds it) with 2 double blocks (residuals a, b on the main model's double
+# blocks 0, 1) and 1 single block (one residual on both single blocks).
+_SD3_CONTROLNET_BLOCKS = 1
+_FLUX_CONTROLNET_DEPTH = {"depth": 2, "depth_single_blocks": 1}
 
-    The zero convolutions get small random weights instead of zeros, so the control visibly acts.
+
+def _make_dit_controlnet(family: str, seed: int):
+    import comfy.controlnet
+    import comfy.latent_formats
+    import comfy.ops
+    dtype = torch.float32
+    operations = comfy.ops.pick_operations(dtype, None, disable_fast_fp8=True)
+    unet_config = _dit_model_config(family, dtype).unet_config
+    unet_config.pop("dtype", None)
+    device = comfy.model_management.get_torch_device()
+    offload_device = comfy.model_management.unet_offload_device()
+    if family == "sd3":
+        import comfy.cldm.mmdit
+        control_model = comfy.cldm.mmdit.ControlNet(
+            num_blocks=_SD3_CONTROLNET_BLOCKS, control_latent_channels=unet_config["in_channels"],
+            operations=operations, device=offload_device, dtype=dtype, **unet_config)
+        _init_weights_(control_model, seed)
+        _init_dit_buffers_(control_model)
+        latent_format = comfy.latent_formats.SD3()
+        latent_format.shift_factor = 0  # as load_controlnet_mmdit sets it
+        return comfy.controlnet.ControlNet(control_model, compression_ratio=1, latent_format=latent_format,
+                                           concat_mask=False, load_device=device, manual_cast_dtype=None)
+    import comfy.ldm.flux.controlnet
+    control_model = comfy.ldm.flux.controlnet.ControlNetFlux(
+        mistoline=False, operations=operations, device=offload_device, dtype=dtype,
+        **{**unet_config, **_FLUX_CONTROLNET_DEPTH})
+    _init_weights_(control_model, seed)
+    return comfy.controlnet.ControlNet(control_model, load_device=device, manual_cast_dtype=None,
+                                       extra_conds=["y", "guidance"])
+
+
+def make_controlnet(family: str = "sd15", seed: int = 3):
+    """A CONTROL_NET for the tiny model of `family`, from ComfyUI's own classes, with random weights.
+
+    UNet families: ComfyUI's cldm.ControlNet. sd3: the MMDiT ControlNet (`comfy.cldm.mmdit.ControlNet`), whose
+    hint is VAE-encoded (apply it with a VAE: ControlNetApplyAdvanced's `vae`, or ControlNetApplySD3). flux and
+    flux_schnell: the XLabs-form Flux ControlNet (`ControlNetFlux`, pixel hint, no VAE). Each is wrapped in
+    `comfy.controlnet.ControlNet` with the arguments ComfyUI's loader for that format passes. SD3.5 ControlNets
+    are another class (`load_controlnet_sd35`) and are not built here.
+
+    The output projections (zero convolutions; the DiTs' `controlnet_blocks`), zeros in a fresh ControlNet, get
+    seeded random weights instead (`_init_weights_`, as every other weight), so the control visibly acts.
     """
+    if family in ("sd3", "flux", "flux_schnell"):
+        return _make_dit_controlnet(family, seed)
+    if family == "sd35m":
+        raise ValueError("sd35m: SD3.5 ControlNets (ComfyUI's load_controlnet_sd35) are not built here; "
+                         "DiT ControlNets: sd3, flux, flux_schnell")
     import comfy.cldm.cldm
     import comfy.controlnet
     config = {k: v for k, v in _unet_config(family).items() if k not in ("out_channels", "transformer_depth_output")}
