@@ -27,6 +27,7 @@ from conftest import HOST, PACK_DIR, pack_module
 
 routes = pack_module("text.server_routes")
 subjects = pack_module("text.subjects")
+clip_tokens = pack_module("text.clip_tokens")
 
 CHROMIUM = Path("/usr/bin/chromium")
 BROWSER_DIR = Path(__file__).resolve().parent / "browser"
@@ -44,7 +45,7 @@ def content_tokens(answer):
 def test_tokens_are_the_encoders_tokens_with_global_positions():
     answer = routes.tokenize_response(PROMPT, "cat")
     tokenizer = routes.shipped_tokenizer()
-    prompt = subjects.tokenize_prompt(tokenizer, PROMPT)
+    prompt = clip_tokens.tokenize_prompt(tokenizer.clip_l, PROMPT)
     assert answer["chunk_length"] == 77 and answer["num_tokens"] == 77 and len(answer["chunks"]) == 1
     tokens = answer["chunks"][0]["tokens"]
     assert [t["position"] for t in tokens] == list(range(77))
@@ -100,7 +101,9 @@ def test_repeated_words_and_separators_are_picked_by_index():
     by_position = {t["position"]: t for t in content_tokens(routes.tokenize_response("a tomcat and a cat, 2 cats"))}
     assert [by_position[p]["text"] for p in range(1, 10)] == ["a", "tom", "cat", "and", "a", "cat", ",", "2", "cats"]
     assert by_position[2]["pick"] == by_position[3]["pick"] == "tomcat"
-    assert by_position[6]["pick"] == "6"      # 'cat' would resolve to the tail of 'tomcat' (position 3)
+    assert by_position[6]["pick"] == "cat"    # the node resolves 'cat' to this word, not to the tail of 'tom|cat'
+    assert subjects.resolve_subjects(routes.shipped_tokenizer(), "a tomcat and a cat, 2 cats", "cat").subjects[0] \
+        .token_positions == (6,)
     assert by_position[5]["pick"] == "5"      # the second 'a'
     assert by_position[7]["pick"] == "7"      # ',' separates subjects
     assert by_position[8]["pick"] == "8"      # '2' would be read as token index 2
@@ -134,6 +137,124 @@ def test_subject_groups_report_the_noun_and_each_attribute():
     assert "attribute 'green' is not in the prompt" in answer["subjects"][3]["error"]
 
 
+# --- the DiT families: the tokens of the encoder the model attends -----------------------------------------
+
+FLUX = {"node": "DualCLIPLoader", "widgets": {"type": "flux", "clip_name1": "clip_l.safetensors",
+                                               "clip_name2": "t5xxl_fp16.safetensors"}}
+SD3 = {"node": "TripleCLIPLoader", "widgets": {"clip_name1": "a", "clip_name2": "b", "clip_name3": "c"}}
+TINY_SD15 = {"node": "AttnGuideTestTinySD15", "widgets": {"type": "stable_diffusion"}}
+
+
+def test_flux_shows_its_t5_pieces():
+    """Flux attends the T5 sequence only: the picker shows its pieces, '▁' dropped from a word's first piece and a
+    bare '▁' as a space that no word includes (and no click selects)."""
+    answer = routes.tokenize_response(PROMPT, "tiramisu", source=FLUX)
+    assert answer["family"] == "flux" and answer["note"] is None
+    assert answer["chunk_length"] == answer["num_tokens"] == 256 and len(answer["chunks"]) == 1
+    (chunk,) = answer["chunks"]
+    assert (chunk["encoder"], chunk["start"], chunk["length"], chunk["end_position"]) == ("t5", 0, 256, 14)
+    tokens = chunk["tokens"]
+    assert [t["piece"] for t in tokens[:15]] == ["▁", "a", "▁photo", "▁of", "▁", "a", "▁cat", "▁and", "▁", "a",
+                                                  "▁tir", "ami", "s", "u", "</s>"]
+    assert [t["kind"] for t in tokens[:15]] == ["space", "word", "word", "word", "space", "word", "word", "word",
+                                                 "space", "word", "word", "word", "word", "word", "end"]
+    assert {t["kind"] for t in tokens[15:]} == {"padding"}
+    assert [t["text"] for t in content_tokens(answer)] == ["a", "photo", "of", "a", "cat", "and", "a", "tir", "ami",
+                                                           "s", "u"]
+    assert {t["position"]: (t["word"], t["word_positions"], t["pick"]) for t in tokens[10:14]} == {
+        p: ("tiramisu", [10, 11, 12, 13], "tiramisu") for p in range(10, 14)}
+    assert answer["subjects"][0]["positions"] == [10, 11, 12, 13]
+    assert tokens[6]["pick"] == "cat" and tokens[9]["pick"] == "9"  # the third 'a': only its index
+
+
+def test_sd3_shows_clip_chunks_then_t5_pieces():
+    answer = routes.tokenize_response(PROMPT, "cat", source=SD3)
+    assert answer["family"] == "sd3" and answer["chunk_length"] == 77 and answer["num_tokens"] == 154
+    clip, t5 = answer["chunks"]
+    assert (clip["encoder"], clip["start"], clip["length"]) == ("clip", 0, 77)
+    assert (t5["encoder"], t5["start"], t5["length"], t5["end_position"]) == ("t5", 77, 77, 77 + 14)
+    assert [t["text"] for t in clip["tokens"][1:11]] == ["a", "photo", "of", "a", "cat", "and", "a", "ti", "ram", "isu"]
+    assert t5["tokens"][6]["piece"] == "▁cat" and t5["tokens"][6]["position"] == 83
+    # 'cat' is its CLIP token and its T5 piece; a click on either picks the word
+    assert answer["subjects"][0]["positions"] == [5, 83]
+    assert clip["tokens"][5]["pick"] == t5["tokens"][6]["pick"] == "cat"
+
+
+@pytest.mark.parametrize("source", [FLUX, SD3])
+@pytest.mark.parametrize("text", [
+    PROMPT,
+    "a tomcat and a cat, cat,frog, a bullfrog",
+    "a cat, a (red cat:1.2); 2 cats and a cat",
+    "café au lait, a café and a housecat next to the house",
+    " ".join(f"w{i} cat" for i in range(80)),   # SD3: two CLIP chunks; Flux: one T5 sequence past 256
+])
+def test_a_click_picks_what_the_node_resolves_to_these_dit_tokens(source, text):
+    """A word's `pick` makes Attention Text Encode select the clicked word's tokens in its encoder's part (SD3: and
+    the same word in the other encoder's part)."""
+    family, _encoders, _note = routes.clip_family(source)
+    tokenizer = routes.shipped_tokenizer(family)
+    answer = routes.tokenize_response(text, source=source)
+    checked = 0
+    for chunk in answer["chunks"]:
+        for token in chunk["tokens"]:
+            if token["special"] or token["position"] != token["word_positions"][0]:
+                continue
+            resolved = subjects.resolve_subjects(tokenizer, text, token["pick"])
+            positions = resolved.subjects[0].token_positions
+            here = [p for p in positions if resolved.segments[resolved.segment_of(p)].encoder == chunk["encoder"]]
+            if token["pick"].isdigit():
+                assert positions == (token["position"],)
+            else:
+                assert token["pick"] == token["word"] and here == token["word_positions"], token
+            checked += 1
+    assert checked == len({tuple(t["word_positions"]) for t in content_tokens(answer)})
+
+
+def test_the_family_comes_from_the_loader_the_picker_names(tmp_path):
+    assert routes.clip_family(FLUX)[0] == "flux"
+    assert routes.clip_family({"node": "CLIPLoader", "widgets": {"type": "chroma"}})[0] == "chroma"
+    assert routes.clip_family({"node": "DualCLIPLoader", "widgets": {"type": "sdxl"}})[0] == "sdxl"
+    assert routes.clip_family(TINY_SD15) == ("sd15", None, None)
+    assert routes.clip_family(SD3) == ("sd3", None, None)  # files it cannot read: all three encoders
+    family, _encoders, note = routes.clip_family(None)
+    assert family == "sd15" and "not linked" in note
+    assert "cannot tell" in routes.clip_family({"node": "SomeLoader", "widgets": {}})[2]
+    assert "not in the checkpoints folder" in \
+        routes.clip_family({"node": "CheckpointLoaderSimple", "widgets": {"ckpt_name": "absent.safetensors"}})[2]
+    # a family the pack does not read: the picker says so instead of showing tokens
+    answer = routes.tokenize_response(PROMPT, source={"node": "CLIPLoader", "widgets": {"type": "qwen_image"}})
+    assert answer["chunks"] == [] and "'qwen_image'" in answer["error"] and "Flux.1" in answer["error"]
+    # a checkpoint's family, and SD3's text encoders, from the tensor names of its safetensors header
+    from safetensors.torch import save_file
+    import torch
+    checkpoints = {
+        "sd3": ["model.diffusion_model.joint_blocks.0.x", "text_encoders.clip_l.transformer.x",
+                "text_encoders.clip_g.transformer.x"],
+        "flux": ["model.diffusion_model.double_blocks.0.x", "text_encoders.t5xxl.transformer.x"],
+        "sdxl": ["model.diffusion_model.input_blocks.0.x", "conditioner.embedders.1.model.x"],
+        "sd15": ["model.diffusion_model.input_blocks.0.x", "cond_stage_model.transformer.x"],
+    }
+    for family, keys in checkpoints.items():
+        path = tmp_path / f"{family}.safetensors"
+        save_file({k: torch.zeros(1) for k in keys}, str(path))
+        found, encoders = routes.checkpoint_family(routes._safetensors_keys(str(path)))
+        assert found == family
+        assert encoders == (frozenset({"clip_l", "clip_g"}) if family == "sd3" else None)
+    (tmp_path / "old.ckpt").write_bytes(b"\x80\x02not a safetensors file")
+    assert routes._safetensors_keys(str(tmp_path / "old.ckpt")) is None
+    assert routes.text_encoder_name({"text_model.encoder.layers.0.mlp.fc1.weight"}) == "clip_l"
+    assert routes.text_encoder_name({"text_model.encoder.layers.0.mlp.fc1.weight",
+                                     "text_model.encoder.layers.30.mlp.fc1.weight"}) == "clip_g"
+    assert routes.text_encoder_name({"encoder.block.0.layer.0.SelfAttention.k.weight"}) == "t5xxl"
+
+
+def test_sd3_without_t5_shows_the_clip_part_only():
+    answer = routes.tokenize_response(PROMPT, "cat, 100", tokenizer=routes.shipped_tokenizer("sd3"),
+                                      encoders={"clip_l", "clip_g"})
+    assert [c["encoder"] for c in answer["chunks"]] == ["clip"] and answer["num_tokens"] == 77
+    assert answer["subjects"][0]["positions"] == [5] and "no T5-XXL loaded" in answer["subjects"][1]["error"]
+
+
 def _post_in_process(body: bytes) -> tuple[int, dict]:
     from aiohttp import web
     from aiohttp.test_utils import TestClient, TestServer
@@ -155,7 +276,8 @@ def _post_in_process(body: bytes) -> tuple[int, dict]:
     (b"{}", "missing field 'text'"),
     (b'{"text": 3}', "'text' must be a string, not int"),
     (b'{"text": "a cat", "subjects": ["cat"]}', "'subjects' must be a string"),
-    (b'{"text": "a cat", "prompt": "x"}', "unknown field(s) 'prompt'; valid fields: 'text', 'subjects'"),
+    (b'{"text": "a cat", "prompt": "x"}', "unknown field(s) 'prompt'; valid fields: 'text', 'subjects', 'clip'"),
+    (b'{"text": "a cat", "clip": "flux"}', "'clip' must be null or an object"),
     (json.dumps({"text": "cat " * 6000}).encode(), "'text' has 24000 characters; the token picker tokenizes at most 20000"),
 ])
 def test_bad_requests_get_400_naming_the_problem(body, message):
@@ -166,6 +288,8 @@ def test_bad_requests_get_400_naming_the_problem(body, message):
 def test_good_request_gets_the_answer():
     status, answer = _post_in_process(json.dumps({"text": PROMPT, "subjects": "cat"}).encode())
     assert status == 200 and answer == routes.tokenize_response(PROMPT, "cat")
+    status, answer = _post_in_process(json.dumps({"text": PROMPT, "subjects": "cat", "clip": FLUX}).encode())
+    assert status == 200 and answer == routes.tokenize_response(PROMPT, "cat", source=FLUX)
 
 
 # --- the real server and a real browser --------------------------------------------------------------
@@ -400,7 +524,7 @@ def test_token_picker_in_the_browser(comfy_server, browser, shots, renderer, new
         tab.page.wait_for_timeout(400)
         typed = tab.tokenize_requests[before:]
         assert 1 <= len(typed) <= 2, typed
-        assert typed[-1] == {"text": f"{PROMPT} and a {new_word}", "subjects": "cat"}
+        assert typed[-1] == {"text": f"{PROMPT} and a {new_word}", "subjects": "cat", "clip": TINY_SD15}
         assert tab.selected() == [[5, "cat"]]
 
         # clicking toggles: add the new word, remove cat, add it back
@@ -633,5 +757,67 @@ def test_the_picker_fits_its_node_in_the_example_workflows(comfy_server, browser
             toggle.click()
             tab.page.set_viewport_size({"width": 1400, "height": 900})
         assert [e for e in tab.errors if not any(missing in e for missing in EXAMPLE_INPUTS_MISSING)] == []
+    finally:
+        tab.context.close()
+
+
+# --- DiT families: the picker shows the tokens of the encoder the model attends ----------------------
+
+TINY_FLUX = {"node": "AttnGuideTestTinySD15", "widgets": {"type": "flux"}}
+
+
+@pytest.mark.parametrize("renderer", ["classic", "vue"])
+def test_the_picker_shows_t5_pieces_for_a_flux_clip(comfy_server, browser, shots, renderer):
+    """A Flux CLIP: the T5 pieces (a bare '▁' as a space chip, no word's), clicks pick words of several pieces;
+    the loader's type switched to SD3 shows the CLIP chunk then the T5 sequence, back to SD1.x the CLIP chunk."""
+    _http(f"{comfy_server}/settings/Comfy.VueNodes.Enabled", renderer == "vue")
+    tab = Page(browser, comfy_server, renderer, shots)
+    try:
+        tab.open()
+        workflow = json.loads((BROWSER_DIR / "workflow_api.json").read_text())
+        workflow["1"]["inputs"]["type"] = "flux"
+        tab.page.evaluate("async (workflow) => { await window.app.loadApiJson(workflow, 'attn_guide_flux.json') }",
+                          workflow)
+        tab.token("tiramisu").first.wait_for(timeout=10000)
+        assert tab.tokenize_requests[-1]["clip"] == TINY_FLUX
+        answer = routes.tokenize_response(PROMPT, source=TINY_FLUX)
+        assert answer["family"] == "flux"
+        buttons = tab.picker.locator("button[data-position]").evaluate_all(
+            "buttons => buttons.map(b => [Number(b.dataset.position), b.firstChild.textContent])")
+        assert buttons == [[t["position"], t["text"]] for t in content_tokens(answer)]
+        assert [text for _p, text in buttons] == ["a", "photo", "of", "a", "cat", "and", "a", "tir", "ami", "s", "u"]
+        specials = tab.picker.locator(".agtp-special").all_inner_texts()
+        assert [s.split("\n")[0] for s in specials] == ["▁", "▁", "▁", "EOS", "pad ×241"]
+        assert tab.picker.locator(".agtp-space").first.get_attribute("title").startswith("a bare T5 '▁' piece")
+        assert "Flux.1: 11 T5 pieces (sequence of 256)" in tab.picker.locator(".agtp-status").first.inner_text()
+        assert tab.picker.locator(".agtp-chunk-label").count() == 0
+
+        # a click on one piece of 'tiramisu' makes the word a subject: all four pieces are its
+        tab.token("tiramisu").nth(2).click()
+        wait_for_picker(tab, 2, "tiramisu")
+        assert tab.selected() == [[10, "tiramisu"], [11, "tiramisu"], [12, "tiramisu"], [13, "tiramisu"]]
+        check_layout(tab, 2, f"{renderer} flux", "flux")
+
+        def switch(clip_type, subjects_positions):
+            before = len(tab.tokenize_requests)
+            tab.page.evaluate("""(value) => { const w = window.app.graph.getNodeById(1).widgets
+                .find((w) => w.name === "type"); w.value = value; w.callback?.(value); }""", clip_type)
+            tab.page.wait_for_function("(n) => window.app.graph.getNodeById(2).attnGuideTokenPicker.shown?.clip"
+                                       "?.widgets?.type === n", arg=clip_type, timeout=10000)
+            wait_for_picker(tab, 2)
+            assert len(tab.tokenize_requests) > before
+            assert [p for p, _pick in tab.selected()] == subjects_positions
+
+        # the loader says SD3 now: CLIP chunk, then T5; the subject is the word in both
+        switch("sd3", [8, 9, 10, 87, 88, 89, 90])
+        labels = tab.picker.locator(".agtp-chunk-label").all_inner_texts()
+        assert labels == ["CLIP chunk 1 · positions 0–76", "T5 · positions 77–153"]
+        assert "SD3/SD3.5: 10 CLIP tokens in 1 chunk of 77 + 11 T5 pieces (sequence of 77)" in \
+            tab.picker.locator(".agtp-status").first.inner_text()
+        check_layout(tab, 2, f"{renderer} sd3", "sd3")
+        # and SD1.x again: the CLIP chunk only
+        switch("stable_diffusion", [8, 9, 10])
+        assert "10 tokens in 1 chunk of 77" in tab.picker.locator(".agtp-status").first.inner_text()
+        assert tab.errors == []
     finally:
         tab.context.close()

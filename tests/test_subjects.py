@@ -3,6 +3,7 @@ import pytest
 from harness import pack_module
 
 subjects_mod = pack_module("text.subjects")
+clip_tokens = pack_module("text.clip_tokens")
 resolve = subjects_mod.resolve_subjects
 SubjectError = subjects_mod.SubjectError
 
@@ -81,7 +82,7 @@ def test_second_chunk(tokenizers):
     (frog,) = resolved.subjects
     assert frog.chunk >= 1
     assert frog.token_positions[0] >= 77
-    prompt = subjects_mod.tokenize_prompt(tok, text)
+    prompt = clip_tokens.tokenize_prompt(tok.clip_l, text)
     chunk, position = divmod(frog.token_positions[0], 77)
     assert prompt.words[chunk][position] == "frog"
 
@@ -108,7 +109,7 @@ def test_a_word_does_not_match_the_tail_of_a_longer_word(tokenizers):
     sd_tok = tok.clip_l
     assert len(sd_tok.tokenizer("tomcat")["input_ids"]) > 3  # 'tom' + 'cat</w>': the trap exists
     resolved = resolve(tok, "a tomcat and a cat", "cat")
-    prompt = subjects_mod.tokenize_prompt(tok, "a tomcat and a cat")
+    prompt = clip_tokens.tokenize_prompt(tok.clip_l, "a tomcat and a cat")
     (cat,) = resolved.subjects
     assert prompt.words[0][cat.token_positions[0]] == "cat"
     assert prompt.words[0][cat.token_positions[0] - 1] == "a"

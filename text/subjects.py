@@ -1,14 +1,23 @@
-"""Subject tokens: which CLIP token positions a subject word covers, as the text encoder sees them.
+"""Subject tokens: which positions of the model's text sequence a subject word covers, as the encoders see it.
 
-Positions are global over the concatenated 77-token chunks (chunk c, position p -> c * 77 + p),
-which is how ComfyUI lays out a long prompt's conditioning, so a position indexes the key axis of
-the cross-attention directly. Position 0 of each chunk is the start token.
+A position indexes the key axis of the cross-attention (the cond's token axis) directly:
+- SD1.x, SD2.x, SDXL: CLIP's 77-token chunks end to end (chunk c, position p -> c * 77 + p); position 0 of each
+  chunk is the start token.
+- Flux.1, Chroma: the T5 sequence only (no start token; the CLIP-L tokens a Flux CLIP also makes are not in it).
+- SD3/SD3.5: CLIP-L/G's chunks (the two side by side in the features), then the T5 sequence, which starts at
+  77 * chunks; a word has positions in both, its CLIP tokens and its T5 pieces. An SD3 CLIP loaded without T5-XXL
+  has the CLIP part only; one with T5 alone, the T5 part only.
+
+The tokenizer-specific parts are `clip_tokens` (BPE, '</w>' word ends, 77-chunks) and `t5_tokens` (sentencepiece,
+'▁' word starts, `</s>`, padding); this module holds the shared resolution and the dataclasses. The family is told
+from the tokenizer object (which sub-tokenizers it has), not from the model.
 """
 from __future__ import annotations
 
 import hashlib
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -20,8 +29,8 @@ class SubjectError(ValueError):
 @dataclass(frozen=True)
 class Subject:
     label: str
-    token_positions: tuple[int, ...]  # global positions (chunk * chunk_length + position in chunk)
-    chunk: int
+    token_positions: tuple[int, ...]  # positions in the model's text sequence (CLIP: chunk * 77 + position in chunk)
+    chunk: int  # the segment of its first position (CLIP-only models: its chunk)
     # the words that describe it ("red car": noun "car", attribute "red"), each with its own positions; the
     # neglect losses read the noun, the binding losses the pairs
     attributes: tuple["Subject", ...] = ()
@@ -62,9 +71,10 @@ class Subjects:
     """What Attention Text Encode hands to the sampler and the visualiser (the SUBJECTS type)."""
     subjects: tuple[Subject, ...]
     prompt: str
-    chunk_length: int                       # 77 for CLIP
-    end_positions: tuple[int, ...]          # per chunk: position (in chunk) of the end token
-    token_words: tuple[tuple[str, ...], ...] = field(default=())  # per chunk: decoded token text
+    chunk_length: int                       # 77 for CLIP (SD3 too); Flux/Chroma: the T5 sequence's length
+    end_positions: tuple[int, ...]          # per CLIP chunk (Flux/Chroma: the T5 sequence): position of the end token
+    # per segment: each token's text as its tokenizer writes it (CLIP: decoded; T5: its pieces, '▁cat')
+    token_words: tuple[tuple[str, ...], ...] = field(default=())
     # per encoding of the text (scheduled CLIP hooks may give several): a digest per token of the CONDITIONING
     # it was encoded to (`token_digests`), so that the sampler finds that cond in a combined/concatenated positive
     fingerprints: tuple[tuple[str, ...], ...] = field(default=())
@@ -108,96 +118,151 @@ class Subjects:
 
 
 @dataclass(frozen=True)
-class PromptTokens:
-    """One tokenizer's view of a prompt: per chunk, token ids (int) or embedding vectors."""
-    chunks: tuple[tuple[object, ...], ...]
-    words: tuple[tuple[str, ...], ...]
-    start_token: int
-    end_token: int
+class EncodedSegment:
+    """One segment of an encoder's tokens of a prompt (`clip_tokens`, `t5_tokens`): a CLIP chunk or a T5 sequence.
+
+    Positions are in-segment. `words` are the content words in order, each with the positions of the tokens that
+    spell it (a CLIP word's BPE pieces; a T5 word's pieces, a bare '▁' left out); a content position in no word is a
+    bare '▁' (T5)."""
+    encoder: str                          # "clip" or "t5"
+    tokens: tuple                         # per position: token id (int) or embedding vector (tensor)
+    pieces: tuple[str, ...]               # per position: the token as its tokenizer writes it
+    first: int                            # first content position (CLIP: 1, after the start token; T5: 0)
+    end: int                              # position of the end token
+    words: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def kind(self, position: int) -> str:
+        """start, word, embedding, space (a bare '▁'), end or padding."""
+        if position < self.first:
+            return "start"
+        if position >= self.end:
+            return "end" if position == self.end else "padding"
+        if isinstance(self.tokens[position], torch.Tensor):
+            return "embedding"
+        return "word" if position in self._in_words else "space"
+
+    @cached_property
+    def _in_words(self) -> frozenset[int]:
+        return frozenset(p for _text, positions in self.words for p in positions)
 
 
-def _decode_piece(sd_tokenizer, token) -> str:
-    if isinstance(token, torch.Tensor):
-        return "<embedding>"
-    if int(token) in (sd_tokenizer.start_token, sd_tokenizer.end_token):
-        return sd_tokenizer.inv_vocab.get(int(token), "?")
-    # decode() turns CLIP's byte-level pieces back into text ('cafÃ©' -> 'café')
-    return sd_tokenizer.tokenizer.decode([int(token)]).strip()
+SUPPORTED_FAMILIES = "SD1.x, SD2.x, SDXL (CLIP), SD3/SD3.5 (CLIP-L/G and T5-XXL), Flux.1 and Chroma (T5-XXL)"
+CLIP_NAMES = ("clip_l", "clip_h", "clip_g")
+FAMILY_NAMES = {"clip": "SD1.x/SD2.x/SDXL", "sd3": "SD3/SD3.5", "flux": "Flux.1", "t5": "Chroma"}
 
 
-def _starts_word(sd_tokenizer, token) -> bool:
-    """True if a token ends a word (its piece ends in '</w>'), so the next token starts one."""
-    if isinstance(token, torch.Tensor) or int(token) == sd_tokenizer.start_token:
-        return True
-    return sd_tokenizer.inv_vocab.get(int(token), "").endswith("</w>")
+def _is_sd_tokenizer(value) -> bool:
+    return hasattr(value, "tokenize_with_weights") and hasattr(value, "inv_vocab")
 
 
-def _sd_tokenizer(tokenizer):
-    """The first SDTokenizer inside a CLIP's tokenizer (SDXL's clip_l and clip_g tokenize alike)."""
-    for name in ("clip_l", "clip_h", "clip_g"):
-        if hasattr(tokenizer, name):
-            return getattr(tokenizer, name)
-    if hasattr(tokenizer, "tokenize_with_weights") and hasattr(tokenizer, "inv_vocab"):
-        return tokenizer
-    raise SubjectError(f"{type(tokenizer).__name__} is not a CLIP tokenizer (SD1.x, SD2.x or SDXL); "
-                       "attention guidance needs one of those text encoders")
+def _sub_tokenizers(tokenizer) -> dict[str, object]:
+    """A CLIP's tokenizer's per-encoder tokenizers by attribute name (SD3Tokenizer: clip_l, clip_g, t5xxl)."""
+    if _is_sd_tokenizer(tokenizer):  # a bare SDTokenizer: its embedding key names its encoder
+        return {getattr(tokenizer, "embedding_key", "clip_l"): tokenizer}
+    return {name: value for name, value in vars(tokenizer).items() if _is_sd_tokenizer(value)}
 
 
-def tokenize_prompt(tokenizer, text: str) -> PromptTokens:
-    """Tokenizes exactly as the encoder will: weighting syntax, embeddings and 77-token chunks."""
-    sd_tok = _sd_tokenizer(tokenizer)
-    batches = sd_tok.tokenize_with_weights(text, return_word_ids=False)
-    chunks = tuple(tuple(t for t, _w in batch) for batch in batches)
-    words = tuple(tuple(_decode_piece(sd_tok, t) for t in chunk) for chunk in chunks)
-    return PromptTokens(chunks, words, sd_tok.start_token, sd_tok.end_token)
+def text_family(tokenizer) -> tuple[str, dict[str, object]]:
+    """(family, its tokenizers by encoder name) for a CLIP's tokenizer, told from the sub-tokenizers it has:
+    'clip' (SD1Tokenizer, SD2Tokenizer, SDXLTokenizer), 'sd3' (SD3Tokenizer: clip_l, clip_g, t5xxl), 'flux'
+    (FluxTokenizer: clip_l, t5xxl), 't5' (a T5-XXL alone: Chroma's PixArtTokenizer, clip_t5xxl)."""
+    subs = _sub_tokenizers(tokenizer)
+    names = set(subs)
+    if names and names <= set(CLIP_NAMES):
+        return "clip", subs
+    if names == {"clip_l", "clip_g", "t5xxl"}:
+        return "sd3", subs
+    if names == {"clip_l", "t5xxl"}:
+        return "flux", subs
+    if names in ({"clip_t5xxl"}, {"t5xxl"}):
+        return "t5", {"t5xxl": subs.popitem()[1]}
+    what = f"text encoders {', '.join(sorted(names))}" if names else "no CLIP or T5 tokenizer"
+    raise SubjectError(f"{type(tokenizer).__name__} ({what}) is not a text encoder attention guidance reads: it "
+                       f"works with {SUPPORTED_FAMILIES}; Qwen-Image, HiDream, Lumina, WAN, Flux.2 and the other "
+                       "families whose text encoder is an LLM (or another T5) are not supported")
 
 
-def _content_tokens(tokenizer, text: str) -> list:
-    """The tokens a phrase turns into, without start/end/padding, via the same tokenizer."""
-    prompt = tokenize_prompt(tokenizer, text)
-    out = []
-    for chunk in prompt.chunks:
-        for position, token in enumerate(chunk):
-            if position == 0:
-                continue
-            if not isinstance(token, torch.Tensor) and token == prompt.end_token:
-                break
-            out.append(token)
-    return out
+def text_encoders(clip) -> frozenset[str] | None:
+    """The encoders a CLIP has loaded, by name (clip_l, clip_g, t5xxl), where its model says (SD3's are each
+    optional: a CLIP loaded without T5-XXL encodes the CLIP part only); None where it cannot tell."""
+    model = getattr(clip, "cond_stage_model", None)
+    if model is None or not any(hasattr(model, name) for name in ("clip_l", "clip_g", "t5xxl")):
+        return None
+    return frozenset(name for name in ("clip_l", "clip_g", "t5xxl") if getattr(model, name, None) is not None)
 
 
-def _same_token(a, b) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
-    return int(a) == int(b)
+@dataclass(frozen=True)
+class TextPart:
+    """One encoder's tokens of the prompt (a `clip_tokens.ClipText` or `t5_tokens.T5Text`) and where they start in
+    the model's text sequence."""
+    text: object
+    start: int
+
+    @property
+    def encoder(self) -> str:
+        return self.text.encoder
+
+    @property
+    def length(self) -> int:
+        return sum(segment.length for segment in self.text.segments)
 
 
-def _end_position(chunk, end_token) -> int:
-    for position in range(1, len(chunk)):
-        token = chunk[position]
-        if not isinstance(token, torch.Tensor) and token == end_token:
-            return position
-    return len(chunk) - 1
+@dataclass(frozen=True)
+class ModelText:
+    """The prompt as the model's text sequence holds it: its encoders' parts, in order."""
+    family: str
+    parts: tuple[TextPart, ...]
+
+    @property
+    def segments(self) -> tuple[TextSegment, ...]:
+        out = []
+        for part in self.parts:
+            start = part.start
+            for segment in part.text.segments:
+                kept = (1, segment.length - 1) if segment.encoder == "clip" else (0, segment.end)
+                out.append(TextSegment(segment.encoder, start, segment.length, segment.end, kept))
+                start += segment.length
+        return tuple(out)
+
+    def encoded(self) -> list[tuple[TextSegment, EncodedSegment]]:
+        return list(zip(self.segments, (s for part in self.parts for s in part.text.segments)))
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(part.length for part in self.parts)
+
+    def describe(self) -> str:
+        """What the model's text is, for messages: 'CLIP 0..76, T5 77..153'."""
+        return ", ".join(f"{part.encoder.upper()} {part.start}..{part.start + part.length - 1}" for part in self.parts)
 
 
-def _prompt_words(prompt: PromptTokens) -> list[str]:
-    words = []
-    for chunk, ends in zip(prompt.words, (_end_position(c, prompt.end_token) for c in prompt.chunks)):
-        words.extend(chunk[1:ends])
-    return words
+def model_text(tokenizer, text: str, encoders=None, tokenizer_options: dict | None = None) -> ModelText:
+    """Tokenizes `text` as each encoder the model reads will, laid out as the model's text sequence.
 
-
-def _find(sequence: list, needle: list, chunk_length: int, end_positions: list[int], sd_tokenizer) -> list[int] | None:
-    """First occurrence of the token run `needle` inside one chunk's content tokens, starting a word
-    ('cat' must not match the tail of 'tom|cat')."""
-    for chunk_index, end in enumerate(end_positions):
-        base = chunk_index * chunk_length
-        for start in range(1, end - len(needle) + 1):
-            if not _starts_word(sd_tokenizer, sequence[base + start - 1]):
-                continue
-            if all(_same_token(sequence[base + start + k], needle[k]) for k in range(len(needle))):
-                return [base + start + k for k in range(len(needle))]
-    return None
+    encoders: the encoders the CLIP has loaded (`text_encoders`), None for all of its family's. tokenizer_options:
+    the CLIP's (ComfyUI's CLIP.tokenizer_options: a T5 min_length or min_padding changes the padding)."""
+    from . import clip_tokens, t5_tokens  # they build on this module's dataclasses
+    family, subs = text_family(tokenizer)
+    present = set(subs) if encoders is None else set(encoders)
+    if family == "clip":
+        return ModelText(family, (TextPart(clip_tokens.ClipText(subs[next(n for n in CLIP_NAMES if n in subs)], text,
+                                                                tokenizer_options), 0),))
+    parts, start = [], 0
+    if family == "sd3":
+        clip_name = next((n for n in ("clip_l", "clip_g") if n in present), None)
+        if clip_name is not None:
+            parts.append(TextPart(clip_tokens.ClipText(subs[clip_name], text, tokenizer_options), 0))
+            start = parts[0].length
+    if family != "sd3" or "t5xxl" in present:
+        parts.append(TextPart(t5_tokens.T5Text(subs["t5xxl"], text, tokenizer_options), start))
+    if not parts:
+        raise SubjectError(f"this {FAMILY_NAMES[family]} CLIP has none of its text encoders loaded (CLIP-L, CLIP-G, "
+                           "T5-XXL), so the model sees no prompt tokens to guide")
+    return ModelText(family, tuple(parts))
 
 
 def parse_subject_spec(spec: str) -> list[str]:
@@ -205,76 +270,153 @@ def parse_subject_spec(spec: str) -> list[str]:
     return [part.strip() for part in re.split(r"[,;\n]", spec) if part.strip()]
 
 
-def resolve_subjects(tokenizer, text: str, spec: str) -> Subjects:
-    """Turns the user's `subjects` (words or token indices) into token positions of `text`.
+def _valid_ranges(view: ModelText) -> str:
+    ranges = []
+    for segment, _encoded in view.encoded():
+        first = segment.start + (1 if segment.encoder == "clip" else 0)
+        last = segment.start + segment.end - 1
+        if view.family != "clip":
+            ranges.append(f"{first}..{last} ({segment.encoder.upper()})" if last >= first else
+                          f"none ({segment.encoder.upper()}: no prompt tokens)")
+        else:
+            ranges.append(f"{first}..{last}")
+    return ", ".join(ranges)
 
-    A word matches the first place where its tokens appear in the prompt (all word pieces); an
-    index is a global token position (chunk * 77 + position, 0 being the start token). An entry of several
-    words is a subject group: its last word is the noun, the words before it its attributes ("red car"),
-    found where the phrase appears as written, else each at its own first occurrence.
+
+def _hint(view: ModelText) -> str:
+    return view.parts[0].text.hint() if view.family == "clip" else "; ".join(p.text.hint() for p in view.parts)
+
+
+def _index_subject(view: ModelText, entry: str, segments: tuple[TextSegment, ...]) -> Subject:
+    """A token index: one position of the model's text sequence, which must be a content token."""
+    position = int(entry)
+    clip_only = view.family == "clip"
+    if position >= view.num_tokens:
+        if clip_only:
+            raise SubjectError(f"token index {position} is out of range: the prompt has {view.num_tokens} token "
+                               f"positions in {len(segments)} chunk(s); valid content indices are {_valid_ranges(view)}")
+        if view.family == "flux":
+            seen = "Flux attends only the T5 text (the CLIP-L tokens of a Flux CLIP are not in the model's text)"
+        elif view.family == "t5":
+            seen = "the model attends only the T5 text"
+        elif len(view.parts) == 2:
+            seen = "the model's text is the CLIP tokens, then the T5 pieces"
+        else:
+            missing = "T5-XXL" if view.parts[0].encoder == "clip" else "CLIP-L/G"
+            seen = f"the model's text is its {view.parts[0].encoder.upper()} part only (this CLIP has no {missing} loaded)"
+        raise SubjectError(f"token index {position} is out of range: {seen}, {view.num_tokens} positions "
+                           f"({view.describe()}); valid content indices are {_valid_ranges(view)}")
+    index = next(i for i, s in enumerate(segments) if s.start <= position < s.start + s.length)
+    segment, encoded = view.encoded()[index]
+    in_segment = position - segment.start
+    kind = encoded.kind(in_segment)
+    if kind in ("start", "end", "padding"):
+        what = {"start": "the start token", "end": "the end token", "padding": "padding"}[kind]
+        where = f"chunk {index}" if clip_only else (
+            f"CLIP chunk {index}" if segment.encoder == "clip" else "the T5 text")
+        words = f"prompt words: {', '.join(repr(w) for w in view.parts[0].text.content_pieces())}" if clip_only \
+            else _hint(view)
+        raise SubjectError(f"token index {position} points at {what} of {where}; valid content indices are "
+                           f"{_valid_ranges(view)} ({words})")
+    if kind == "space":
+        word = next(((text, positions) for text, positions in encoded.words if positions[0] > in_segment), None)
+        pieces = [segment.start + p for p in word[1]] if word else []
+        before = f" before {word[0]!r} (its pieces: {', '.join(map(str, pieces))})" if word else ""
+        raise SubjectError(f"token index {position} points at a bare '▁' T5 piece{before}: it only marks a space and "
+                           "carries no word content; give the word or its pieces' indices")
+    label = encoded.pieces[in_segment]
+    if segment.encoder == "t5":
+        label = label.lstrip("▁") or label
+    return Subject(label, (position,), index)
+
+
+def _resolve_in_part(part: TextPart, entry: str, hint: str) -> list[tuple[int, ...]]:
+    """The positions (in the model's text) of each word of `entry` in one encoder's part: the phrase as written,
+    else each word at its own first occurrence (the last word is the noun)."""
+    words = entry.split()
+    found = part.text.find(entry)
+    if found is None:
+        noun = part.text.find(words[-1])
+        if noun is None:
+            what = f"subject {entry!r}" if len(words) == 1 else \
+                f"subject {entry!r}: its noun {words[-1]!r} (the entry's last word)"
+            if part.encoder == "clip":
+                raise SubjectError(f"{what} is not in the prompt (as whole tokens, e.g. 'cat' does not match "
+                                   f"'cats'); {hint}")
+            raise SubjectError(f"{what} is not in the T5 text (as whole words, e.g. 'cat' does not match 'cats'); "
+                               f"{hint}")
+        found = []
+        for word in words[:-1]:
+            positions = part.text.find(word)
+            if positions is None:
+                where = "the prompt" if part.encoder == "clip" else "the T5 text"
+                raise SubjectError(f"subject {entry!r}: its attribute {word!r} is not in {where}; {hint}")
+            found.append(positions[0])
+        found.append(noun[0])
+    return [tuple(part.start + p for p in positions) for positions in found]
+
+
+def resolve_subjects(tokenizer, text: str, spec: str, encoders=None, tokenizer_options: dict | None = None) -> Subjects:
+    """Turns the user's `subjects` (words or token indices) into positions of the model's text sequence.
+
+    A word matches the first place where it appears in the prompt, as each encoder the model reads tokenizes it
+    (CLIP: all its BPE pieces; T5: the pieces that spell it). An index is a position of the model's text sequence:
+    CLIP-only models chunk * 77 + position (0 being a chunk's start token); Flux/Chroma the T5 piece; SD3 a CLIP
+    position below 77 * chunks, a T5 piece from there on. An entry of several words is a subject group: its last
+    word is the noun, the words before it its attributes ("red car"), found where the phrase appears as written,
+    else each at its own first occurrence. With SD3 a word's positions are its CLIP tokens and its T5 pieces.
+
+    tokenizer: a CLIP's tokenizer, or the CLIP itself (then its loaded encoders and tokenizer options are read
+    from it). encoders, tokenizer_options: see `model_text`.
     """
-    prompt = tokenize_prompt(tokenizer, text)
-    chunk_length = len(prompt.chunks[0])
-    if any(len(c) != chunk_length for c in prompt.chunks):
-        raise SubjectError("the tokenizer produced chunks of unequal length; cannot index subject tokens")
-    flat = [t for chunk in prompt.chunks for t in chunk]
-    end_positions = [_end_position(c, prompt.end_token) for c in prompt.chunks]
+    if hasattr(tokenizer, "cond_stage_model") and hasattr(tokenizer, "tokenizer"):  # a CLIP
+        clip = tokenizer
+        tokenizer = clip.tokenizer
+        encoders = text_encoders(clip) if encoders is None else encoders
+        if tokenizer_options is None:
+            tokenizer_options = getattr(clip, "tokenizer_options", None) or None
+    view = model_text(tokenizer, text, encoders, tokenizer_options)
+    segments = view.segments
     entries = parse_subject_spec(spec)
     if not entries:
         raise SubjectError("no subjects given: name the subject words of the prompt (e.g. 'cat, frog') "
                            "or their token indices (e.g. '2,5')")
-    words_hint = ", ".join(repr(w) for w in _prompt_words(prompt))
+    hints = {}
     subjects = []
     for entry in entries:
         if re.fullmatch(r"\d+", entry):
-            position = int(entry)
-            chunk, in_chunk = divmod(position, chunk_length)
-            if chunk >= len(prompt.chunks):
-                raise SubjectError(f"token index {position} is out of range: the prompt has {len(flat)} token "
-                                   f"positions in {len(prompt.chunks)} chunk(s); valid content indices are "
-                                   f"{_valid_ranges(end_positions, chunk_length)}")
-            if in_chunk == 0 or in_chunk >= end_positions[chunk]:
-                what = "the start token" if in_chunk == 0 else ("the end token" if in_chunk == end_positions[chunk] else "padding")
-                raise SubjectError(f"token index {position} points at {what} of chunk {chunk}; valid content "
-                                   f"indices are {_valid_ranges(end_positions, chunk_length)} (prompt words: {words_hint})")
-            subjects.append(Subject(prompt.words[chunk][in_chunk], (position,), chunk))
+            subjects.append(_index_subject(view, entry, segments))
             continue
-        words = entry.split()
-
-        def find(phrase):
-            needle = _content_tokens(tokenizer, phrase)
-            return _find(flat, needle, chunk_length, end_positions, _sd_tokenizer(tokenizer)) if needle else None
-        if not _content_tokens(tokenizer, entry):
+        if not all(part.text.has_tokens(entry) for part in view.parts):
             raise SubjectError(f"subject {entry!r} has no tokens")
-        noun = words[-1]
-        whole = find(entry)
-        if whole is not None:  # the phrase as written: its last word's tokens are the noun's
-            noun_count = len(_content_tokens(tokenizer, noun))
-            noun_positions = whole[len(whole) - noun_count:] if len(words) > 1 else whole
-        else:
-            noun_positions = find(noun)
-            if noun_positions is None:
-                what = f"subject {entry!r}" if len(words) == 1 else \
-                    f"subject {entry!r}: its noun {noun!r} (the entry's last word)"
-                raise SubjectError(f"{what} is not in the prompt (as whole tokens, e.g. 'cat' does not match "
-                                   f"'cats'); the prompt's words are: {words_hint}")
-        attributes = []
-        for index, word in enumerate(words[:-1]):
-            if whole is not None:
-                start = sum(len(_content_tokens(tokenizer, w)) for w in words[:index])
-                positions = whole[start:start + len(_content_tokens(tokenizer, word))]
-            else:
-                positions = find(word)
-                if positions is None:
-                    raise SubjectError(f"subject {entry!r}: its attribute {word!r} is not in the prompt; the "
-                                       f"prompt's words are: {words_hint}")
-            attributes.append(Subject(word, tuple(positions), positions[0] // chunk_length))
-        subjects.append(Subject(entry, tuple(noun_positions), noun_positions[0] // chunk_length, tuple(attributes)))
-    return Subjects(tuple(subjects), text, chunk_length, tuple(end_positions), prompt.words)
+        per_word = None
+        for part in view.parts:
+            if part.encoder not in hints:
+                hints[part.encoder] = part.text.hint()
+            found = _resolve_in_part(part, entry, hints[part.encoder])
+            per_word = found if per_word is None else [a + b for a, b in zip(per_word, found)]
+        words = entry.split()
+        chunk_of = _segment_index(segments)
+        attributes = tuple(Subject(word, positions, chunk_of(positions[0]))
+                           for word, positions in zip(words[:-1], per_word[:-1]))
+        subjects.append(Subject(entry, per_word[-1], chunk_of(per_word[-1][0]), attributes))
+    token_words = tuple(encoded.pieces for _segment, encoded in view.encoded())
+    if view.family == "clip":
+        clip_text = view.parts[0].text
+        return Subjects(tuple(subjects), text, clip_text.chunk_length, tuple(s.end for s in clip_text.segments),
+                        token_words)
+    first = view.parts[0].text
+    if first.encoder == "clip":  # SD3: chunk_length and end_positions keep their meaning for the CLIP chunks
+        chunk_length, end_positions = first.chunk_length, tuple(s.end for s in first.segments)
+    else:  # T5 only: the sequence is the one "chunk"
+        chunk_length, end_positions = first.segments[0].length, (first.segments[0].end,)
+    return Subjects(tuple(subjects), text, chunk_length, end_positions, token_words, segments=segments)
 
 
-def _valid_ranges(end_positions, chunk_length) -> str:
-    return ", ".join(f"{c * chunk_length + 1}..{c * chunk_length + e - 1}" for c, e in enumerate(end_positions))
+def _segment_index(segments: tuple[TextSegment, ...]):
+    def index(position: int) -> int:
+        return next(i for i, s in enumerate(segments) if s.start <= position < s.start + s.length)
+    return index
 
 
 def token_digests(cond) -> tuple[str, ...]:

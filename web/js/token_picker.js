@@ -1,7 +1,9 @@
 // Token picker for Attention Text Encode (AttnGuideTextEncode).
 //
-// Shows the prompt's CLIP tokens as the encoder sees them (the pack's POST /attn_guide/tokenize, which
-// tokenizes with ComfyUI's shipped tokenizer) and lets the user click words into the `subjects`
+// Shows the prompt's tokens as the model's text sequence holds them (the pack's POST /attn_guide/tokenize,
+// which tokenizes with ComfyUI's shipped tokenizer of the node's CLIP family: the picker sends the loader
+// its clip input comes from): CLIP tokens in 77-token chunks for SD1.x/SD2.x/SDXL, T5 pieces for Flux.1
+// and Chroma, CLIP chunks then T5 pieces for SD3/SD3.5. It lets the user click words into the `subjects`
 // widget: a click makes a word a subject (a noun); shift+click, or the "+ attribute" button, attaches
 // the word to a noun as its attribute, so that "red" attached to "car" writes the entry "red car". The
 // choice lives in `subjects`, so it is saved in the workflow and survives a reload; the picker itself
@@ -21,12 +23,61 @@ const ROOM_GAP = 20;      // graph px left between the grown node and a node it 
 const SETTLE_FRAMES = 8;  // frames to wait for the Vue renderer to resize the node
 // One colour per subject, in the order of the `subjects` widget (wraps after eight).
 const SUBJECT_COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324"];
-const SPECIAL_LABELS = { start: "SOT", end: "EOT", padding: "pad" };
+const SPECIAL_LABELS = { start: "SOT", end: "EOT", padding: "pad", space: "\u2581" };
+const T5_LABELS = { end: "EOS" };  // T5's </s>
+const SPECIAL_TITLES = { space: "a bare T5 '\u2581' piece: it marks the space before a word and carries no word content" };
+// A loader's widgets that tell its CLIP's family (Load CLIP's `type`, a checkpoint's or text encoders' files).
+const SOURCE_WIDGETS = /^(type|ckpt_name|clip_name\d*)$/;
+const MAX_HOPS = 32;
 const INDEX = /^\d+$/;
 
 // Same split as subjects.parse_subject_spec: commas, semicolons and newlines; empty entries dropped.
 export function parseSubjects(spec) {
   return String(spec ?? "").split(/[,;\n]/).map((s) => s.trim()).filter((s) => s.length > 0);
+}
+
+// The loader the node's CLIP comes from, for the route to tell its family: {node: class, widgets: {type,
+// ckpt_name, clip_name1, ...}}, followed up the clip input through nodes that pass a CLIP on (Load LoRA,
+// CLIP Set Last Layer, reroutes); null when the clip input is not linked.
+export function clipSource(node) {
+  const seen = new Set();
+  let current = node;
+  for (let hop = 0; hop < MAX_HOPS; hop++) {
+    const input = current.inputs?.find((i) => i.name === "clip" || i.type === "CLIP") ??
+      (current.type === "Reroute" ? current.inputs?.[0] : undefined);
+    if (hop > 0 && !input) return describeLoader(current);
+    const graph = current.graph;
+    const link = input?.link == null ? null :
+      graph?.getLink?.(input.link) ?? graph?.links?.get?.(input.link) ?? graph?.links?.[input.link];
+    if (!link) return hop > 0 ? describeLoader(current) : null;
+    const origin = graph.getNodeById(link.origin_id);
+    if (!origin || seen.has(origin.id)) return null;
+    seen.add(origin.id);
+    current = origin;
+  }
+  return null;
+}
+
+function describeLoader(node) {
+  const widgets = {};
+  for (const w of node.widgets ?? []) {
+    if (SOURCE_WIDGETS.test(w.name) && typeof w.value === "string") widgets[w.name] = w.value;
+  }
+  return { node: String(node.comfyClass ?? node.type), widgets };
+}
+
+// The status line's count: "10 tokens in 1 chunk of 77" (CLIP), "9 T5 pieces (sequence of 256)", both for SD3.
+export function tokenCount(answer) {
+  const count = (chunks) => chunks.reduce((n, c) => n + c.tokens.filter((t) => !t.special).length, 0);
+  const clip = answer.chunks.filter((c) => (c.encoder ?? "clip") === "clip");
+  const t5 = answer.chunks.filter((c) => c.encoder === "t5");
+  const parts = [];
+  if (clip.length) {
+    parts.push(`${count(clip)} ${t5.length ? "CLIP " : ""}tokens in ${clip.length} chunk${clip.length === 1 ? "" : "s"}` +
+      ` of ${clip[0].length ?? answer.chunk_length}`);
+  }
+  if (t5.length) parts.push(`${count(t5)} T5 pieces (sequence of ${t5[0].length})`);
+  return parts.join(" + ");
 }
 
 // What covers the token at `position` in the route's resolved `subjects`: [{index, role, attribute}],
@@ -136,6 +187,8 @@ function injectStyle() {
 .attn-guide-token-picker .agtp-token.agtp-target { box-shadow: 0 0 0 2px var(--p-primary-color, #8ab4f8); }
 .attn-guide-token-picker.agtp-armed .agtp-token:not(.agtp-special) { cursor: copy; }
 .attn-guide-token-picker .agtp-token.agtp-special { cursor: default; opacity: 0.45; border-style: dashed; }
+.attn-guide-token-picker .agtp-token.agtp-space { min-width: 8px; padding: 1px 2px; }
+.attn-guide-token-picker .agtp-note { font-size: 11px; }
 `;
   document.head.appendChild(style);
 }
@@ -190,7 +243,7 @@ class TokenPicker {
     this.root.append(this.content);
     this.timer = null;
     this.request = 0;     // id of the newest request; older answers are dropped
-    this.shown = null;    // the {text, subjects} the current rendering answers
+    this.shown = null;    // the {text, subjects, clip} the current rendering answers
     this.answer = null;
     this.target = null;   // first token position of the noun that shift+click attaches to
     this.armed = false;   // "+ attribute" pressed: the next click attaches to the target noun
@@ -214,7 +267,8 @@ class TokenPicker {
   }
 
   values() {
-    return { text: String(this.widget("text")?.value ?? ""), subjects: String(this.widget("subjects")?.value ?? "") };
+    return { text: String(this.widget("text")?.value ?? ""), subjects: String(this.widget("subjects")?.value ?? ""),
+      clip: clipSource(this.node) };
   }
 
   schedule(delay = TYPING_DELAY_MS) {
@@ -231,7 +285,8 @@ class TokenPicker {
   async refresh() {
     const values = this.values();
     const id = ++this.request;  // also voids an answer still on its way for values since changed back
-    if (this.shown && this.shown.text === values.text && this.shown.subjects === values.subjects) return;
+    if (this.shown && this.shown.text === values.text && this.shown.subjects === values.subjects &&
+        JSON.stringify(this.shown.clip) === JSON.stringify(values.clip)) return;
     let answer;
     try {
       const response = await api.fetchApi(ROUTE, {
@@ -246,6 +301,12 @@ class TokenPicker {
       return;
     }
     if (id !== this.request) return;
+    if (answer.error) {  // a CLIP of a family the pack does not read
+      this.shown = values;
+      this.answer = null;
+      this.renderError(answer.error);
+      return;
+    }
     if (this.shown?.text !== values.text) this.notice = null;
     this.shown = values;
     this.answer = answer;
@@ -308,7 +369,7 @@ class TokenPicker {
   // else the last subject; null when there is none.
   targetIndex() {
     const subjects = this.answer?.subjects ?? [];
-    const index = subjects.findIndex((s) => !s.error && s.noun?.positions[0] === this.target);
+    const index = subjects.findIndex((s) => !s.error && s.noun?.positions.includes(this.target));
     if (index >= 0) return index;
     for (let i = subjects.length - 1; i >= 0; i--) if (!subjects[i].error) return i;
     return null;
@@ -331,7 +392,6 @@ class TokenPicker {
     const target = this.targetIndex();
     if (target === null) this.armed = false;
     this.root.classList.toggle("agtp-armed", this.armed);
-    const content = chunks.reduce((n, c) => n + c.tokens.filter((t) => !t.special).length, 0);
     const parts = [];
     const textInput = this.node.inputs?.find((input) => input.name === "text");
     if (textInput?.link != null) {
@@ -342,9 +402,10 @@ class TokenPicker {
     const chosen = subjects.filter((s) => !s.error).map((s) => (s.attributes ?? []).length === 0 ?
       `${s.entry} (${s.positions.join(" ")})` :
       `${s.entry} (${[where(s.noun.word, s.positions), ...s.attributes.map((a) => where(a.word, a.positions))].join(" · ")})`);
-    parts.push(element("div", "agtp-status", `${content} tokens in ${chunks.length} chunk` +
-      `${chunks.length === 1 ? "" : "s"} of ${this.answer.chunk_length} · ` +
+    const family = this.answer.family && this.answer.family !== "clip" ? `${this.answer.family_name}: ` : "";
+    parts.push(element("div", "agtp-status", `${family}${tokenCount(this.answer)} · ` +
       (chosen.length ? `subjects: ${chosen.join(", ")}` : "click a word to make it a subject")));
+    if (this.answer.note) parts.push(element("div", "agtp-status agtp-note", this.answer.note));
     if (target !== null) parts.push(this.renderTools(subjects, target));
     if (this.notice) parts.push(element("div", "agtp-error agtp-notice", this.notice));
     for (const s of subjects.filter((s) => s.error)) {
@@ -353,7 +414,8 @@ class TokenPicker {
       parts.push(error);
     }
     const targetNoun = target === null ? null : subjects[target].noun?.positions ?? [];
-    for (const chunk of chunks) parts.push(this.renderChunk(chunk, chunks.length, roles, targetNoun));
+    const labelled = chunks.length > 1;  // one chunk (or one T5 sequence): the status line says what it is
+    for (const chunk of chunks) parts.push(this.renderChunk(chunk, labelled, roles, targetNoun));
     this.content.replaceChildren(...parts);
     this.settle();
   }
@@ -422,13 +484,18 @@ class TokenPicker {
     requestAnimationFrame(step);
   }
 
-  renderChunk(chunk, count, roles, targetNoun) {
+  renderChunk(chunk, labelled, roles, targetNoun) {
     const box = element("div", "agtp-chunk");
     box.dataset.chunk = chunk.index;
+    const t5 = chunk.encoder === "t5";
+    box.dataset.encoder = t5 ? "t5" : "clip";
     const first = chunk.tokens[0].position;
-    if (count > 1) {  // one chunk: the status line says so
+    if (labelled) {
+      const clipIndex = this.answer.chunks.filter((c) => c.encoder !== "t5").indexOf(chunk);
+      const name = t5 ? "T5" : this.answer.chunks.some((c) => c.encoder === "t5") ? `CLIP chunk ${clipIndex + 1}` :
+        `chunk ${chunk.index + 1}`;
       box.append(element("div", "agtp-chunk-label",
-        `chunk ${chunk.index + 1} · positions ${first}–${first + chunk.tokens.length - 1}`));
+        `${name} · positions ${first}–${first + chunk.tokens.length - 1}`));
     }
     let word = null;
     const padding = chunk.tokens.filter((t) => t.kind === "padding");
@@ -436,7 +503,9 @@ class TokenPicker {
       if (token.kind === "padding") continue;
       if (token.special) {
         word = null;
-        box.append(this.specialChip(token.kind, token.position, token.text));
+        const label = (t5 ? T5_LABELS[token.kind] : undefined) ?? SPECIAL_LABELS[token.kind];
+        box.append(this.specialChip(token.kind, token.position, SPECIAL_TITLES[token.kind] ?? token.piece ?? token.text,
+          label));
         continue;
       }
       if (!word || word.dataset.first !== String(token.word_positions[0])) {
@@ -448,8 +517,10 @@ class TokenPicker {
     }
     if (padding.length) {
       const last = padding[padding.length - 1].position;
+      const what = padding[0].text === chunk.tokens.find((t) => t.kind === "end")?.text ? "the end token repeated" :
+        `"${padding[0].piece ?? padding[0].text}"`;
       box.append(this.specialChip("padding", `${padding[0].position}–${last}`,
-        `${padding.length} padding tokens (the end token repeated)`, `pad ×${padding.length}`));
+        `${padding.length} padding tokens (${what})`, `pad ×${padding.length}`));
     }
     return box;
   }
@@ -471,7 +542,8 @@ class TokenPicker {
     const sub = element("sub", "", String(token.position));
     button.append(document.createTextNode(token.text), sub);
     const pieces = token.word_positions.length > 1 ? ` (word "${token.word}", tokens ${token.word_positions.join(" ")})` : "";
-    const about = `"${token.text}" · position ${token.position}${pieces}`;
+    const piece = token.piece !== undefined ? ` · T5 piece "${token.piece}"` : "";
+    const about = `"${token.text}" · position ${token.position}${piece}${pieces}`;
     if (!role) {
       button.setAttribute("aria-pressed", "false");
       button.title = `${about} · click: add to subjects as "${token.pick}" · shift+click: attach to the chosen noun`;
@@ -537,10 +609,23 @@ function attachPicker(node) {
   picker.schedule(0);
 }
 
+// Any node's change that can change where a picker's CLIP comes from (a link, a loader's type or file) asks the
+// pickers to look again; one whose CLIP source, text and subjects are unchanged sends no request.
+function watchClipSources(node) {
+  const refresh = () => {
+    for (const other of node.graph?._nodes ?? node.graph?.nodes ?? []) other.attnGuideTokenPicker?.schedule(0);
+  };
+  chainCallback(node, "onConnectionsChange", refresh);
+  for (const widget of node.widgets ?? []) {
+    if (SOURCE_WIDGETS.test(widget.name)) chainCallback(widget, "callback", refresh);
+  }
+}
+
 app.registerExtension({
   name: "AttentionGuidance.TokenPicker",
   nodeCreated(node) {
     if (node.comfyClass === NODE_ID) attachPicker(node);
+    watchClipSources(node);
   },
   loadedGraphNode(node) {
     if (node.comfyClass === NODE_ID) node.attnGuideTokenPicker?.schedule(0);

@@ -1,9 +1,10 @@
-"""Test-only custom nodes for tests/test_browser.py: the pack's tiny random SD1.5 model, CLIP and VAE.
+"""Test-only custom nodes for tests/test_browser.py: the pack's tiny random SD1.5, Flux or SD3 model, CLIP and VAE.
 
 A checkpoint of the tiny models cannot go through CheckpointLoaderSimple: ComfyUI recognises SD1.5 by
 its real widths (model_channels 320, context_dim 768) and reports "Could not detect model type" for
 the narrow UNet. The browser test therefore loads this folder as a second custom_nodes entry, used
-only by that test, and its workflow starts from this loader.
+only by that test, and its workflow starts from this loader. Its `type` names the family as Load CLIP's
+`type` does (stable_diffusion, flux, sd3), which is what the token picker reads to choose the tokenizer.
 """
 import importlib.util
 import os
@@ -14,6 +15,8 @@ from comfy_api.latest import ComfyExtension, io
 
 _PACK_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))))
 _models = {}
+# the loader's `type` (as Load CLIP names CLIP families) -> the tiny models' family
+FAMILIES = {"stable_diffusion": "sd15", "flux": "flux", "sd3": "sd3"}
 
 
 def _tiny_models():
@@ -31,17 +34,20 @@ class TinyModelsLoader(io.ComfyNode):
             node_id="AttnGuideTestTinySD15",
             display_name="Tiny SD1.5 (AttnGuide test)",
             category="testing",
-            description="Test only: the pack's tiny random SD1.5-shaped model, CLIP and VAE (noise images).",
-            inputs=[],
+            description="Test only: the pack's tiny random SD1.5-, Flux- or SD3-shaped model, CLIP and VAE "
+                        "(noise images).",
+            inputs=[io.Combo.Input("type", options=list(FAMILIES), default="stable_diffusion", optional=True,
+                                   tooltip="The family, named as Load CLIP's type names it.")],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
         )
 
     @classmethod
-    def execute(cls) -> io.NodeOutput:
-        if not _models:
+    def execute(cls, type="stable_diffusion") -> io.NodeOutput:
+        family = FAMILIES[type]
+        if family not in _models:
             tiny = _tiny_models()
-            _models.update(model=tiny.make_model("sd15"), clip=tiny.make_clip("sd15"), vae=tiny.make_vae())
-        return io.NodeOutput(_models["model"], _models["clip"], _models["vae"])
+            _models[family] = (tiny.make_model(family), tiny.make_clip(family), tiny.make_vae(family=family))
+        return io.NodeOutput(*_models[family])
 
 
 class TinyNodesExtension(ComfyExtension):
