@@ -1,16 +1,22 @@
 """Command line: run a workflow headlessly through ComfyUI's own executor.
 
-    python -m <pack> run WORKFLOW.json [--out DIR] [--ckpt FILE] [--demo] [--steps N] [--size PX] ...
-    python -m <pack> convert WORKFLOW.json [-o PROMPT.json]
+    python -m <pack> run WORKFLOW [--out DIR] [--ckpt FILE] [--demo] [--steps N] [--size PX] ...
+    python -m <pack> convert WORKFLOW [-o PROMPT.json]
 
 Run it from the folder that holds the pack (ComfyUI/custom_nodes/ when installed) with ComfyUI's
 Python. The ComfyUI host is found as the tests find it: --comfyui, COMFYUI_PATH, the ComfyUI whose
 custom_nodes/ holds this pack, else ~/comfy/ComfyUI. The workflow may be in either format: as the
-editor saves it (converted by workflow_convert.py) or as 'Export (API)' saves it.
+editor saves it (converted by workflow_convert.py) or as 'Export (API)' saves it; a PNG that ComfyUI
+saved with its workflow runs that workflow, and a folder runs each workflow in it (each into a
+subfolder of --out named after its file; the others still run when one fails). The input is read and
+checked before ComfyUI boots.
 
 The prompt goes through the host's own validation and `execution.PromptExecutor`, exactly as a
-queued prompt would. Images of SaveImage nodes are written into --out, and the pictures of preview
-nodes (PreviewImage, the Attention Map Visualiser) are copied there too.
+queued prompt would. Images of SaveImage nodes are written into --out (default: ComfyUI's output
+folder, in attn_guide/), and the pictures of preview nodes (PreviewImage, the Attention Map
+Visualiser) are copied there too. The saved PNGs embed the workflow as it ran: the command line's
+overrides (--steps, --size, --seed, --ckpt, ...) written into its widgets. A node that fails is
+reported by its message, once (--verbose shows ComfyUI's log with the traceback).
 
 --demo swaps the checkpoint loaders (and ControlNet loaders) for tiny built-in models with random
 weights (tiny_models.py) and gives LoadImage a synthetic line drawing, so the whole path runs on any
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import logging
 import re
@@ -36,6 +43,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 from . import host
 
@@ -50,6 +58,8 @@ GUIDANCE = "AttnGuideGuidance"
 DEMO_SIZE = 256
 DEMO_STEPS = 20
 DEMO_MAX_REFINEMENT = 2
+DEFAULT_OUT_FOLDER = "attn_guide"  # under ComfyUI's output folder, where ComfyUI writes its own pictures
+WORKFLOW_SUFFIXES = (".json", ".png")
 DEMO_BANNER = ("DEMO MODE: tiny built-in models with RANDOM WEIGHTS. The images are noise and say nothing about "
                "quality; the attention maps and guidance losses are real computations on those random models.")
 
@@ -363,35 +373,164 @@ def _image_files(executed: list[tuple[str, dict]]):
                 "filename"]
 
 
-def run(options, say) -> list[Path]:
-    host = find_host(options.comfyui)
-    say(f"ComfyUI: {host}")
-    boot_host(host, force_cpu=options.cpu, verbose=options.verbose)
+def run(options, say) -> RunResult:
+    """Runs the workflow file, or every workflow of a folder, given to `run`. The input is read and checked
+    before ComfyUI boots, so a wrong path is said at once."""
+    sources = collect_workflows(options.workflow, say)
+    check_paths(options)
+    comfyui = find_host(options.comfyui)
+    out = Path(options.out).expanduser().resolve() if options.out else None
+    if out is not None:
+        refuse_custom_nodes_out(out, comfyui)
+    say(f"ComfyUI: {comfyui}")
+    boot_host(comfyui, force_cpu=options.cpu, verbose=options.verbose)
     import comfy.model_management
+    say(f"device: {comfy.model_management.get_torch_device()}")
+    if options.demo:
+        say(DEMO_BANNER)
+    if out is None:
+        out = default_out_dir()
+    if not Path(options.workflow).expanduser().is_dir():
+        return RunResult(run_workflow(sources[0], options, out, say), out, [], 1)
+    written, failed = [], []
+    for number, (source, folder) in enumerate(zip(sources, _subfolders(sources)), 1):
+        say(f"\n=== workflow {number}/{len(sources)}: {source.path.name} -> {out / folder}")
+        try:
+            written += run_workflow(source, copy.copy(options), out / folder, say)
+        except CliError as error:
+            say(f"error: {source.path.name}: {error}", err=True)
+            failed.append(source.path.name)
+    return RunResult(written, out, failed, len(sources))
+
+
+class RunResult(NamedTuple):
+    written: list[Path]
+    out: Path
+    failed: list[str]  # the file names of the workflows that failed (a folder's run goes on after one fails)
+    count: int
+
+
+def collect_workflows(path_text: str, say) -> list:
+    """The workflows `run` was given, read without the host: a file (a workflow JSON, or a PNG that holds one)
+    or a folder: each of its .json and .png files that holds a workflow, in name order (others are skipped
+    with a note)."""
+    from . import workflow_convert
+    path = Path(path_text).expanduser()
+    if not path.exists():
+        where = "" if path.is_absolute() else f" (relative to the current folder, {Path.cwd()})"
+        raise CliError(f"{path_text!r} does not exist{where}")
+    if not path.is_dir():
+        try:
+            return [workflow_convert.read_workflow(path)]
+        except workflow_convert.ConversionError as error:
+            raise CliError(str(error)) from None
+    sources, skipped = [], []
+    for candidate in sorted(path.iterdir()):
+        if not candidate.is_file() or candidate.suffix.lower() not in WORKFLOW_SUFFIXES:
+            continue
+        try:
+            sources.append(workflow_convert.read_workflow(candidate))
+        except workflow_convert.ConversionError as error:
+            skipped.append(f"{candidate.name}: {error}")
+    if not sources:
+        raise CliError(f"the folder {path_text!r} holds no workflow (a .json workflow, or a .png with an embedded "
+                       "one)" + "".join(f"\n  {line}" for line in skipped))
+    say(f"folder {path}: {len(sources)} workflow(s): {', '.join(s.path.name for s in sources)}")
+    for line in skipped:
+        say(f"  note: skipping {line}")
+    return sources
+
+
+def _subfolders(sources: list) -> list[str]:
+    """One output folder per workflow of a folder run, named after its file (a.json and a.png: a, a_png)."""
+    stems = [source.path.stem for source in sources]
+    return [stem if stems.count(stem) == 1 or source.path.suffix.lower() == ".json"
+            else f"{stem}_{source.path.suffix.lower().lstrip('.')}" for stem, source in zip(stems, sources)]
+
+
+def check_paths(options) -> None:
+    """The paths the options name, checked before the host boots."""
+    if options.input_dir and not Path(options.input_dir).expanduser().is_dir():
+        raise CliError(f"--input-dir {options.input_dir!r} is not a folder")
+    if options.out and Path(options.out).expanduser().is_file():
+        raise CliError(f"--out {options.out!r} is a file; give a folder")
+
+
+def default_out_dir() -> Path:
+    """Where `run` writes without --out: a folder in ComfyUI's output folder (the host must be booted)."""
+    import folder_paths
+    return Path(folder_paths.get_output_directory()).resolve() / DEFAULT_OUT_FOLDER
+
+
+def refuse_custom_nodes_out(out: Path, comfyui: Path) -> None:
+    """ComfyUI imports every folder in custom_nodes/ as a node pack at start: an output folder there fails
+    to import at every start."""
+    folders = {(comfyui / "custom_nodes").resolve()}
+    if PACK_DIR.parent.name == "custom_nodes":
+        folders.add(PACK_DIR.parent.resolve())
+    if out.parent in folders:
+        raise CliError(f"--out {str(out)!r} is in ComfyUI's custom_nodes folder, where ComfyUI imports every folder "
+                       "as a node pack at start (and reports it as IMPORT FAILED); choose another folder, or leave "
+                       f"out --out: the default is ComfyUI's output folder (output/{DEFAULT_OUT_FOLDER})")
+
+
+class _QuietNodeErrors(logging.Filter):
+    """Drops ComfyUI's own report of a failed node (its message, then its traceback): the runner says the
+    node's message once. With --verbose nothing is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or record.module != "execution":
+            return True
+        return not str(record.msg).startswith(("!!! Exception during processing", "Traceback (most recent call"))
+
+
+def _node_failure(error: dict, prompt: dict, verbose: bool) -> str:
+    node_id = str(error.get("node_id"))
+    kind = error.get("node_type") or prompt.get(node_id, {}).get("class_type", "?")
+    title = prompt.get(node_id, {}).get("_meta", {}).get("title")
+    label = kind + (f" {title!r}" if title and title != kind else "")
+    message = str(error.get("exception_message", "")).strip()
+    exception_type = str(error.get("exception_type", "")).rsplit(".", 1)[-1]
+    if exception_type and exception_type != "ValueError":  # the nodes' own input errors are ValueErrors
+        message = f"{exception_type}: {message}"
+    hint = "" if verbose else "\n  (run with --verbose for ComfyUI's log and the traceback)"
+    return f"node {node_id} ({label}) failed: {message}{hint}"
+
+
+def _changed_widgets(before: dict, after: dict) -> dict[str, dict]:
+    """node id -> {input: value} of the widget values that differ (links are not widget values)."""
+    changes = {}
+    for node_id, node in after.items():
+        old = before.get(node_id, {}).get("inputs", {})
+        changed = {name: value for name, value in node["inputs"].items()
+                   if not isinstance(value, list) and (name not in old or old[name] != value)}
+        if changed:
+            changes[node_id] = changed
+    return changes
+
+
+def run_workflow(source, options, out: Path, say) -> list[Path]:
+    """Runs one read workflow on the booted host; the files written into `out`."""
     import comfy.utils
     import execution
     import folder_paths
     import nodes
 
     from . import workflow_convert
-    say(f"device: {comfy.model_management.get_torch_device()}")
-    if options.demo:
-        say(DEMO_BANNER)
     warnings: list[str] = []
-    workflow_path = Path(options.workflow)
     try:
-        prompt = workflow_convert.load_prompt(workflow_path, nodes.NODE_CLASS_MAPPINGS, warnings)
-        raw = json.loads(workflow_path.read_text(encoding="utf-8"))
+        prompt, ui_workflow = workflow_convert.source_prompt(source, nodes.NODE_CLASS_MAPPINGS, warnings)
     except workflow_convert.ConversionError as error:
         raise CliError(str(error)) from None
     for warning in warnings:
         say(f"  note: {warning}")
-    say(f"workflow: {workflow_path.name} ({len(prompt)} nodes, "
-        f"{'UI' if workflow_convert.is_ui_format(raw) else 'API'} format)")
+    origin = "" if source.origin == "JSON" else f", {source.origin}"
+    say(f"workflow: {source.path.name} ({len(prompt)} nodes, {'UI' if ui_workflow else 'API'} format{origin})")
 
-    out = Path(options.out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="attn_guide_run_"))
+    # the host's folders as they were, for the next workflow of a folder run (the demo's input folder goes)
+    folders = (folder_paths.get_output_directory(), folder_paths.get_temp_directory(),
+               folder_paths.get_input_directory())
     try:
         folder_paths.set_output_directory(str(out))
         folder_paths.set_temp_directory(str(scratch / "temp"))
@@ -415,6 +554,7 @@ def run(options, say) -> list[Path]:
                 say(f"  demo: at most {DEMO_MAX_REFINEMENT} refinement iterations per refinement step: random "
                     "weights never reach the thresholds, so refinement would always run to its cap "
                     "(--max-refinement to change)")
+        before_overrides = copy.deepcopy(prompt)
         apply_overrides(prompt, options, say)
 
         prompt_id = str(uuid.uuid4())
@@ -431,46 +571,61 @@ def run(options, say) -> list[Path]:
         comfy.utils.set_progress_bar_enabled(False)  # our own bar below instead of tqdm's
         comfy.utils.set_progress_bar_global_hook(_progress_hook(sys.stdout))
         extra_data = {"client_id": "attn-guide-cli"}  # without a client id the executor reports no node events
-        if workflow_convert.is_ui_format(raw):
-            extra_data["extra_pnginfo"] = {"workflow": raw}  # SaveImage embeds it: the PNG opens in the editor
+        if ui_workflow is not None:
+            # SaveImage embeds it, so the PNG opens in the editor: the workflow as it ran (the overrides
+            # written into its widgets; --demo's model swaps are in the embedded prompt only)
+            ran = workflow_convert.set_widget_values(ui_workflow, _changed_widgets(before_overrides, prompt),
+                                                     nodes.NODE_CLASS_MAPPINGS)
+            extra_data["extra_pnginfo"] = {"workflow": ran}
         executor = _executor(execution, server)
         started = time.perf_counter()
-        executor.execute(prompt, prompt_id, extra_data, valid[2])
+        quiet_filter = _QuietNodeErrors()
+        if quiet:
+            logging.getLogger().addFilter(quiet_filter)
+        try:
+            executor.execute(prompt, prompt_id, extra_data, valid[2])
+        finally:
+            logging.getLogger().removeFilter(quiet_filter)
         if not executor.success:
             errors = [data for event, data in executor.status_messages if event == "execution_error"]
             if errors:
-                error = errors[0]
-                raise CliError(f"node {error.get('node_id')} ({error.get('node_type')}) failed: "
-                               f"{error.get('exception_message', '').strip()}")
+                raise CliError(_node_failure(errors[0], prompt, options.verbose))
             raise CliError(f"the run did not finish: {executor.status_messages[-1:]}")
         say(f"finished in {time.perf_counter() - started:.1f} s")
 
+        out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails leaves no empty folder
         written = []
-        for node_id, index, kind, source in _image_files(server.executed):
+        for node_id, index, kind, image_path in _image_files(server.executed):
             if kind == "output":
-                written.append(source)
+                written.append(image_path)
                 continue
             class_type = prompt.get(node_id, {}).get("class_type", "")
             if class_type == VISUALISER:
                 mode = str(prompt[node_id]["inputs"].get("mode", "")).replace(" ", "_")
-                name = f"attention_{node_id}_{mode}_{index:02d}{source.suffix}"
+                name = f"attention_{node_id}_{mode}_{index:02d}{image_path.suffix}"
             else:
-                name = f"preview_{node_id}_{index:02d}{source.suffix}"
-            shutil.copyfile(source, out / name)
+                name = f"preview_{node_id}_{index:02d}{image_path.suffix}"
+            shutil.copyfile(image_path, out / name)
             written.append(out / name)
         return written
     finally:
+        folder_paths.set_output_directory(folders[0])
+        folder_paths.set_temp_directory(folders[1])
+        folder_paths.set_input_directory(folders[2])
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def convert(options, say) -> None:
+    from . import workflow_convert
+    try:
+        source = workflow_convert.read_workflow(Path(options.workflow).expanduser())
+    except workflow_convert.ConversionError as error:
+        raise CliError(str(error)) from None
     boot_host(find_host(options.comfyui), force_cpu=True, verbose=options.verbose)
     import nodes
-
-    from . import workflow_convert
     warnings: list[str] = []
     try:
-        prompt = workflow_convert.load_prompt(options.workflow, nodes.NODE_CLASS_MAPPINGS, warnings)
+        prompt, _ = workflow_convert.source_prompt(source, nodes.NODE_CLASS_MAPPINGS, warnings)
     except workflow_convert.ConversionError as error:
         raise CliError(str(error)) from None
     for warning in warnings:
@@ -497,12 +652,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         sub.add_argument("--verbose", action="store_true", help="show ComfyUI's log")
 
     run_parser = commands.add_parser(
-        "run", help="run a workflow headlessly", description="Run a workflow (UI or API format) through ComfyUI's "
-        "own validation and executor; write its images and attention maps into --out.",
-        epilog=f"example: {prog} run {PACK_DIR.name}/example_workflows/attend_and_excite_sd15.json --demo --out out")
-    run_parser.add_argument("workflow", help="workflow JSON (as the editor saves it, or 'Export (API)')")
-    run_parser.add_argument("--out", default="attn_guide_output", metavar="DIR",
-                            help="where images and attention maps go (default: ./attn_guide_output)")
+        "run", help="run a workflow headlessly", description="Run a workflow (UI or API format, or a PNG that "
+        "holds one) through ComfyUI's own validation and executor; write its images and attention maps into "
+        "--out. Given a folder, run each workflow in it (its .json files and the .png files that hold a "
+        "workflow, in name order), each into a subfolder of --out named after the file.",
+        epilog=f"example: {prog} run {PACK_DIR.name}/example_workflows/attend_and_excite_sd15.json --demo")
+    run_parser.add_argument("workflow", help="a workflow JSON file (as the editor saves it, or 'Export (API)'), a "
+                            "PNG with an embedded workflow (as ComfyUI saves pictures), or a folder of them")
+    run_parser.add_argument("--out", metavar="DIR", help="where images and attention maps go (default: "
+                            f"ComfyUI's output folder, in {DEFAULT_OUT_FOLDER}/)")
     run_parser.add_argument("--ckpt", metavar="FILE", help="checkpoint for every checkpoint loader: a file path, "
                             "or a name in ComfyUI's models/checkpoints")
     run_parser.add_argument("--demo", action="store_true", help="tiny built-in models with RANDOM weights instead "
@@ -519,9 +677,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     common(run_parser)
 
     convert_parser = commands.add_parser("convert", help="print a UI-format workflow as an API-format prompt")
-    convert_parser.add_argument("workflow")
+    convert_parser.add_argument("workflow", help="a workflow JSON file, or a PNG with an embedded workflow")
     convert_parser.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     common(convert_parser)
+
+    from .bench import add_parser as add_bench_parser  # standard library only at import
+    add_bench_parser(commands, common, prog)
     return parser
 
 
@@ -533,18 +694,23 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         stream.write(message + "\n")
         stream.flush()
 
+    if options.command == "bench":
+        from .bench import main as bench_main
+        return bench_main(options, say)
     try:
         if options.command == "run":
             if options.steps is not None and options.steps < 1:
                 raise CliError("--steps must be at least 1")
             if options.max_refinement is not None and options.max_refinement < 0:
                 raise CliError("--max-refinement must be 0 or more")
-            written = run(options, say)
-            say(f"wrote {len(written)} file(s) into {Path(options.out).expanduser().resolve()}:")
-            for path in written:
+            result = run(options, say)
+            say(f"wrote {len(result.written)} file(s) into {result.out}:")
+            for path in result.written:
                 say(f"  {path}")
             if options.demo:
                 say(DEMO_BANNER)
+            if result.failed:
+                raise CliError(f"{len(result.failed)} of {result.count} workflows failed: {', '.join(result.failed)}")
         else:
             convert(options, say)
     except CliError as error:

@@ -27,11 +27,21 @@ What is refused with a ConversionError naming the node: subgraphs and group node
 the editor first), nodes with dynamic V3 inputs (DynamicCombo, Autogrow: use the editor's
 'Export (API)'), node types the host does not know (the pack that provides them is missing),
 widget values of the wrong type, links that point nowhere.
+
+A workflow is read from a JSON file or from a PNG that holds one (ComfyUI's way to share a workflow: its
+SaveImage writes the editor's graph into a "workflow" text chunk and the executed prompt into a "prompt"
+chunk). `read_workflow` does this without the host, so a command line can check its input before booting
+ComfyUI. `set_widget_values` writes values back into a UI-format workflow (what a run changed), so a
+picture embeds the workflow as it ran.
 """
 from __future__ import annotations
 
+import copy
 import json
+import struct
+import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +54,8 @@ NOTE_TYPES = frozenset({"Note", "MarkdownNote"})
 REROUTE = "Reroute"
 PRIMITIVE = "PrimitiveNode"
 MODE_ALWAYS, MODE_NEVER, MODE_BYPASS = 0, 2, 4
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_WORKFLOW_KEYS = ("workflow", "prompt")  # the editor's graph first: it is what the editor opens
 
 
 class ConversionError(ValueError):
@@ -62,23 +74,126 @@ def is_ui_format(data: Any) -> bool:
     return isinstance(data, dict) and isinstance(data.get("nodes"), list) and "links" in data
 
 
+@dataclass
+class WorkflowSource:
+    """A workflow as read from a file: `data` in UI or API format, `origin` says where in the file it was.
+    For a PNG that holds both, `data` is its "workflow" chunk and `alternative` its "prompt" chunk."""
+    path: Path
+    data: dict
+    origin: str
+    alternative: dict | None = None
+
+    @property
+    def format(self) -> str:
+        return "UI" if is_ui_format(self.data) else "API"
+
+
+def png_text_chunks(blob: bytes) -> dict[str, str]:
+    """The text chunks (tEXt, zTXt, iTXt) of a PNG file's bytes, by keyword; no size limit (a workflow with
+    many nodes can pass the 1 MB that image libraries accept by default)."""
+    if not blob.startswith(PNG_SIGNATURE):
+        raise ValueError("not a PNG file")
+    texts, position = {}, len(PNG_SIGNATURE)
+    while position + 8 <= len(blob):
+        length, kind = struct.unpack(">I4s", blob[position:position + 8])
+        body = blob[position + 8:position + 8 + length]
+        position += 12 + length
+        if kind == b"IEND":
+            break
+        if kind not in (b"tEXt", b"zTXt", b"iTXt") or b"\0" not in body:
+            continue
+        key, rest = body.split(b"\0", 1)
+        try:
+            if kind == b"tEXt":
+                text = rest.decode("latin-1")
+            elif kind == b"zTXt":
+                text = zlib.decompress(rest[1:]).decode("latin-1")
+            else:  # iTXt: compression flag, method, language tag\0, translated keyword\0, UTF-8 text
+                compressed, rest = rest[0], rest[2:]
+                rest = rest.split(b"\0", 2)[2]
+                text = (zlib.decompress(rest) if compressed else rest).decode("utf-8")
+        except (zlib.error, UnicodeDecodeError, IndexError):
+            continue
+        texts.setdefault(key.decode("latin-1"), text)
+    return texts
+
+
+def _check_format(data: Any, where: str) -> dict:
+    if is_api_format(data) or is_ui_format(data):
+        return data
+    raise ConversionError(f"{where} is neither a UI-format workflow (with 'nodes' and 'links', as the editor saves "
+                          "it) nor an API-format prompt ({id: {'class_type', 'inputs'}}, as 'Export (API)' saves it)")
+
+
+def _read_png(path: Path, blob: bytes) -> WorkflowSource:
+    where = repr(str(path))
+    texts = png_text_chunks(blob)
+    found = {}
+    for key in PNG_WORKFLOW_KEYS:
+        if key not in texts:
+            continue
+        try:
+            found[key] = _check_format(json.loads(texts[key]), f"the {key!r} text of {where}")
+        except json.JSONDecodeError as error:
+            raise ConversionError(f"the {key!r} text of the PNG {where} is not valid JSON: {error}") from None
+    if not found:
+        raise ConversionError(
+            f"the PNG {where} holds no workflow: ComfyUI embeds one (text chunks 'workflow' and 'prompt') in the "
+            "pictures it saves, unless it runs with --disable-metadata; this picture has "
+            + (f"only the text chunks {', '.join(map(repr, texts))}" if texts else "no text chunks"))
+    if "workflow" in found:
+        return WorkflowSource(path, found["workflow"], "the PNG's embedded workflow", found.get("prompt"))
+    return WorkflowSource(path, found["prompt"], "the PNG's embedded prompt")
+
+
+def read_workflow(path: str | Path) -> WorkflowSource:
+    """Reads a workflow file without the host: a JSON file in either format, or a PNG that holds one.
+    Raises ConversionError saying what is wrong (missing, a folder, not a workflow)."""
+    path = Path(path)
+    where = repr(str(path))
+    if path.is_dir():
+        raise ConversionError(f"{where} is a folder, not a workflow file")
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        raise ConversionError(f"workflow file {where} does not exist") from None
+    except OSError as error:
+        raise ConversionError(f"cannot read {where}: {error.strerror or error}") from None
+    if blob.startswith(PNG_SIGNATURE):
+        return _read_png(path, blob)
+    try:
+        text = blob.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConversionError(f"{where} is neither a workflow JSON file nor a PNG with an embedded workflow (it is "
+                              "not text)") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConversionError(f"workflow file {where} is not valid JSON: {error}") from None
+    return WorkflowSource(path, _check_format(data, where), "JSON")
+
+
+def source_prompt(source: WorkflowSource, node_classes: Mapping[str, type] | None = None,
+                  warnings: list[str] | None = None) -> tuple[dict, dict | None]:
+    """The API-format prompt of a read workflow, and the UI-format workflow it was converted from (None for
+    an API-format prompt). A PNG's "workflow" chunk that cannot be converted (a subgraph, a dynamic node)
+    gives way to its "prompt" chunk, with a warning."""
+    warnings = warnings if warnings is not None else []
+    if is_api_format(source.data):
+        return copy.deepcopy(source.data), None
+    try:
+        return to_api(source.data, node_classes, warnings), source.data
+    except ConversionError as error:
+        if source.alternative is None:
+            raise
+        warnings.append(f"the PNG's workflow could not be converted ({error}); running its embedded prompt")
+        return copy.deepcopy(source.alternative), None
+
+
 def load_prompt(path: str | Path, node_classes: Mapping[str, type] | None = None,
                 warnings: list[str] | None = None) -> dict:
-    """Reads a workflow file in either format and returns the API-format prompt."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConversionError(f"workflow file {str(path)!r} does not exist") from None
-    except json.JSONDecodeError as error:
-        raise ConversionError(f"workflow file {str(path)!r} is not valid JSON: {error}") from None
-    if is_api_format(data):
-        return data
-    if is_ui_format(data):
-        return to_api(data, node_classes, warnings)
-    raise ConversionError(f"{str(path)!r} is neither a UI-format workflow (with 'nodes' and 'links', as the editor "
-                          "saves it) nor an API-format prompt ({id: {'class_type', 'inputs'}}, as 'Export (API)' "
-                          "saves it)")
+    """Reads a workflow file (JSON in either format, or a PNG that holds one) and returns the API-format prompt."""
+    return source_prompt(read_workflow(path), node_classes, warnings)[0]
 
 
 # ---------------------------------------------------------------- widget layout of a node type
@@ -161,6 +276,21 @@ def _is_extra_value(extra: str, value: Any) -> bool:
                                                                            "upload", "3d"})
 
 
+def _stored_positions(slots: list, stored: list) -> tuple[dict[str, int], int, int]:
+    """Where each widget's value is in a widgets_values list: (input name -> index, the first index after the
+    node's own values, the first slot without a stored value)."""
+    positions, position = {}, 0
+    for slot_index, (name, extra, _, _) in enumerate(slots):
+        if position >= len(stored):
+            return positions, position, slot_index
+        if extra is None:
+            positions[name] = position
+            position += 1
+        elif _is_extra_value(extra, stored[position]):
+            position += 1
+    return positions, position, len(slots)
+
+
 def widget_values(node: dict, class_type: str, node_class: type, warnings: list[str]) -> dict[str, Any]:
     """Input name -> stored widget value for one UI node."""
     where = _describe(node)
@@ -180,15 +310,8 @@ def widget_values(node: dict, class_type: str, node_class: type, warnings: list[
             warnings.append(f"{where}: ignoring stored values of {', '.join(unknown)} (not widgets of {class_type})")
         values = {name: stored[name] for name in names if name in stored}
     elif isinstance(stored, list):
-        values, position = {}, 0
-        for name, extra, _, _ in slots:
-            if position >= len(stored):
-                break
-            if extra is None:
-                values[name] = stored[position]
-                position += 1
-            elif _is_extra_value(extra, stored[position]):
-                position += 1
+        positions, position, _ = _stored_positions(slots, stored)
+        values = {name: stored[index] for name, index in positions.items()}
         if position < len(stored):
             # widgets that frontend extensions add after the node's own (text displays, previews)
             warnings.append(f"{where}: ignoring {len(stored) - position} stored value(s) after the node's "
@@ -368,3 +491,80 @@ def to_api(workflow: dict, node_classes: Mapping[str, type] | None = None,
         if node_classes is None:
             raise ConversionError("no node definitions: boot ComfyUI first or pass node_classes") from None
     return _Graph(workflow, node_classes, warnings if warnings is not None else [], display_names).prompt()
+
+
+# ---------------------------------------------------------------- writing values back
+
+EXTRA_PLACEHOLDERS = {"control": "fixed", "upload": "image"}
+
+
+def _primitive_feeding(nodes: dict, links: dict, link_id: Any, seen: frozenset = frozenset()) -> dict | None:
+    """The PrimitiveNode whose value reaches an input through `link_id` (Reroutes followed), if any."""
+    if link_id is None or link_id in seen or link_id not in links:
+        return None
+    origin = nodes.get(links[link_id][0])
+    if origin is None:
+        return None
+    if origin.get("type") == PRIMITIVE:
+        return origin
+    if origin.get("type") == REROUTE and origin.get("inputs"):
+        return _primitive_feeding(nodes, links, origin["inputs"][0].get("link"), seen | {link_id})
+    return None
+
+
+def _store_value(node: dict, slots: list, name: str, value: Any) -> None:
+    stored = node.get("widgets_values")
+    if isinstance(stored, dict):
+        stored[name] = value
+        return
+    if not isinstance(stored, list):
+        stored = node["widgets_values"] = []
+    positions, _, first_missing = _stored_positions(slots, stored)
+    if name in positions:
+        stored[positions[name]] = value
+        return
+    # the list ends before this widget (a workflow saved before the node gained inputs): fill up to it
+    for slot_name, extra, default, _ in slots[first_missing:]:
+        if extra is not None:
+            stored.append(EXTRA_PLACEHOLDERS.get(extra))
+        elif slot_name == name:
+            stored.append(value)
+            return
+        else:
+            stored.append(default)
+
+
+def set_widget_values(workflow: dict, changes: Mapping[str, Mapping[str, Any]],
+                      node_classes: Mapping[str, type] | None = None) -> dict:
+    """A copy of a UI-format workflow with widget values replaced, so that it converts to the prompt that ran.
+
+    changes: node id -> {input name: value}, as in the API-format prompt (to_api keeps the editor's node
+    ids). A widget fed by a PrimitiveNode gets the value in the primitive too (the editor shows the
+    primitive's). Node ids or names the workflow does not have as widgets are left alone."""
+    if not is_ui_format(workflow):
+        raise ConversionError("not a UI-format workflow: expected an object with 'nodes' and 'links'")
+    if node_classes is None:
+        import nodes as host_nodes  # ComfyUI's
+        node_classes = host_nodes.NODE_CLASS_MAPPINGS
+    result = copy.deepcopy(workflow)
+    by_id = {str(node["id"]): node for node in result["nodes"]}
+    links = _links_by_id(result.get("links"))
+    nodes_by_id = {node["id"]: node for node in result["nodes"]}
+    for node_id, values in changes.items():
+        node = by_id.get(str(node_id))
+        if node is None or node.get("type") not in node_classes:
+            continue
+        slots = widget_slots(node["type"], node_classes[node["type"]])
+        widget_names = {name for name, extra, _, _ in slots if extra is None}
+        for name, value in values.items():
+            if name not in widget_names:
+                continue
+            for entry in node.get("inputs") or []:
+                widget = entry.get("widget")
+                if isinstance(widget, dict) and widget.get("name") == name:
+                    primitive = _primitive_feeding(nodes_by_id, links, entry.get("link"))
+                    if primitive is not None and primitive.get("widgets_values"):
+                        primitive["widgets_values"][0] = value
+            _store_value(node, slots, name, value)
+    return result
+

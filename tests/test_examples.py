@@ -193,7 +193,7 @@ def test_every_example_is_tested():
 def test_example_files_are_complete(name):
     workflow = load(name)
     assert workflow["version"] == 0.4
-    thumbnail_path = EXAMPLES / f"{name}.png"  # same basename: ComfyUI's convention
+    thumbnail_path = EXAMPLES / f"{name}.jpg"  # same basename and .jpg: what the template browser asks for
     assert thumbnail_path.stat().st_size < 200_000
     with Image.open(thumbnail_path) as thumbnail:
         assert max(thumbnail.size) <= 1024

@@ -31,7 +31,7 @@ def test_every_input_has_a_tooltip_and_every_node_a_help_page():
     for schema in _schemas():
         for item in schema.inputs:
             assert item.tooltip, f"{schema.node_id}.{item.id} has no tooltip"
-        assert (PACK_DIR / "web" / "docs" / f"{schema.node_id}.md").is_file(), f"no help page for {schema.node_id}"
+        assert (PACK_DIR / "web" / "docs" / schema.node_id / "en.md").is_file(), f"no help page for {schema.node_id}"
 
 
 def test_pyproject_is_registry_ready():
