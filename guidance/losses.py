@@ -314,7 +314,7 @@ def syngen_loss(maps: torch.Tensor, attribute_maps: torch.Tensor, attribute_owne
 
 
 def conform_loss(maps: torch.Tensor, attribute_maps: torch.Tensor, attribute_owner, temperature: float = 0.5,
-                 smoothing_sigma: float = 0.5, **_) -> torch.Tensor:
+                 smoothing_sigma: float = 0.5, previous_token_maps: tuple | None = None, **_) -> torch.Tensor:
     """CONFORM (Meral et al., CVPR 2024): InfoNCE over the token maps, a group = a noun and its attributes.
 
         L = 1/|P| sum_{(i, j) in P} -log [ exp(s_ij / tau) / (exp(s_ij / tau) + sum_{k in N(i)} exp(s_ik / tau)) ]
@@ -328,15 +328,22 @@ def conform_loss(maps: torch.Tensor, attribute_maps: torch.Tensor, attribute_own
     non-negative maps is ln(1 + |N(i)| e^{-1/tau}): positives identical, negatives disjoint.
     Defined as 0 without a positive pair or with a single group (CONFORM's code returns 0 there too);
     `LOSSES` asks for two subjects and the attributes for a pair, so both exist when it runs.
-    Not done here: CONFORM also adds each token's map of the previous step as a further member of its
-    group (`add_previous_attention_maps`); this loss sees only the current maps.
+    `previous_token_maps` = (maps, attribute_maps) of the previous guided step (constants): as CONFORM's
+    `add_previous_attention_maps` (its default), each token's previous map joins its group as one more member,
+    an anchor and a positive like the current ones (CONFORM's code appends it with the token's class before the
+    NT-Xent call), so a token is also pulled towards where its group was.
     """
     owners = _attribute_owners(maps, attribute_maps, attribute_owner)
     count = maps.shape[1]
     if count < 2 or not owners:
         return maps.new_zeros(maps.shape[0])
-    labels = torch.tensor(list(range(count)) + owners, device=maps.device)
+    labels = list(range(count)) + owners
     tokens = torch.cat([maps, attribute_maps], dim=1)
+    if previous_token_maps is not None:
+        previous = torch.cat([previous_token_maps[0], previous_token_maps[1]], dim=1).to(tokens)
+        if previous.shape == tokens.shape:  # (a changed grid or token set: the previous step does not take part)
+            tokens, labels = torch.cat([tokens, previous], dim=1), labels + labels
+    labels = torch.tensor(labels, device=maps.device)
     embeddings = F.normalize(smooth(tokens, sigma=smoothing_sigma).flatten(2), dim=-1)
     logits = embeddings @ embeddings.transpose(1, 2) / temperature  # [B, T, T]
     same_group = labels[:, None] == labels[None, :]

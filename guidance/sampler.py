@@ -135,6 +135,8 @@ class GuidanceRun:
         # refinement thresholds are A&E's (its loss <= 1 - threshold): without that loss nothing is refined
         self.thresholds = config.refinement_thresholds(total_steps) if config.loss_weights.get("attend_and_excite") else {}
         self.previous_masks: torch.Tensor | None = None
+        self.previous_token_maps: tuple | None = None  # CONFORM: the last guided step's noun and attribute maps
+        self._last_token_maps: tuple | None = None
         self._warned_nonfinite = False
         # attribute, noun and other-token maps only when a weighted loss reads them
         self.binds = bool(self.subjects.attributes) and any(
@@ -188,6 +190,9 @@ class GuidanceRun:
                                         self.config.exclude_padding)
         context = L.binding_context(own, self.subjects, capture.grid, self.config.temperature,
                                     self.config.exclude_padding) if self.binds else {}
+        if self.binds:
+            context["previous_token_maps"] = self.previous_token_maps
+            self._last_token_maps = (maps.detach(), context["attribute_maps"].detach())
         total, terms = L.combined_loss(maps, self.config.loss_weights, self.previous_masks, self.config.smoothing_sigma,
                                        **context)
         return total, terms, maps
@@ -231,6 +236,9 @@ class GuidanceRun:
             if config.loss_weights.get("retention", 0):
                 self.previous_masks = L.retention_mask(maps.detach(), config.retention_threshold,
                                                        config.smoothing_sigma, config.retention_mask_method)
+            if config.loss_weights.get("conform", 0) and self.binds:
+                # CONFORM's previous maps: those of the forward whose loss drove this update
+                self.previous_token_maps = self._last_token_maps
         self.record.losses.append(entry)
         return latent.to(x.dtype)
 

@@ -380,3 +380,23 @@ def test_flow_models_see_the_latent_itself(dit_models, family):
     model, _clip = dit_models(family)
     sigmas = torch.tensor([1.0, 0.5, 0.05])
     assert torch.equal(sampler_mod.input_scale(model.model.model_sampling, sigmas), torch.ones(3))
+
+
+def test_conform_reads_the_previous_guided_steps_maps(dit_models, monkeypatch):
+    """CONFORM's previous maps: none at the first guided step, then the maps of the forward that drove the
+    previous update (constants)."""
+    model, clip = dit_models("flux")
+    positive, negative, subjects = _conds("flux", clip)
+    seen = []
+    original = losses.conform_loss
+
+    def spy(maps, attribute_maps, attribute_owner, previous_token_maps=None, **kwargs):
+        seen.append(None if previous_token_maps is None else
+                    (previous_token_maps[0].requires_grad, previous_token_maps[0].shape == maps.shape))
+        return original(maps, attribute_maps, attribute_owner, previous_token_maps=previous_token_maps, **kwargs)
+    monkeypatch.setitem(losses.LOSSES, "conform", losses.LOSSES["conform"].__class__(
+        spy, **{k: v for k, v in vars(losses.LOSSES["conform"]).items() if k != "function"}))
+    config = GuidanceConfig(loss_weights={"conform": 1.0}, refinement=(), guidance_end=0.75)
+    sampler = sampler_mod.AttentionSampler(comfy.samplers.sampler_object("euler"), subjects, config)
+    _sample(model, sampler, positive, negative, 1.0)
+    assert seen == [None, (False, True), (False, True)]

@@ -246,6 +246,36 @@ def test_conform_by_hand():
     assert L.conform_loss(torch.stack([square, far])[None], torch.zeros(1, 0, 16, 16), ()).item() == 0.0
 
 
+def _nt_xent_by_loop(embeddings, labels, tau=0.5):
+    """NT-Xent as pytorch-metric-learning defines it, pair by pair: the mean over positive pairs (i, j), i != j,
+    of -log(e^{s_ij/tau} / (e^{s_ij/tau} + sum over k of another class e^{s_ik/tau}))."""
+    e = torch.nn.functional.normalize(embeddings.double(), dim=-1)
+    s = e @ e.T / tau
+    pairs = []
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            if i != j and labels[i] == labels[j]:
+                negatives = [s[i, k].exp() for k in range(len(labels)) if labels[k] != labels[i]]
+                pairs.append(-torch.log(s[i, j].exp() / (s[i, j].exp() + sum(negatives))))
+    return torch.stack(pairs).mean()
+
+
+def test_conform_adds_the_previous_steps_maps_to_their_groups():
+    """CONFORM's add_previous_attention_maps: each token's previous map is one more member of its group."""
+    generator = torch.Generator().manual_seed(0)
+    nouns, attributes = torch.rand(1, 2, 6, 6, generator=generator), torch.rand(1, 2, 6, 6, generator=generator)
+    previous = (torch.rand(1, 2, 6, 6, generator=generator), torch.rand(1, 2, 6, 6, generator=generator))
+    got = L.conform_loss(nouns, attributes, (0, 1), previous_token_maps=previous)
+    smoothed = L.smooth(torch.cat([nouns, attributes, *previous], dim=1)).flatten(2)[0]
+    assert got.item() == pytest.approx(_nt_xent_by_loop(smoothed, [0, 1, 0, 1] * 2).item(), abs=1e-6)
+    alone = L.conform_loss(nouns, attributes, (0, 1))
+    assert alone.item() == pytest.approx(_nt_xent_by_loop(smoothed[:4], [0, 1, 0, 1]).item(), abs=1e-6)
+    assert abs(got.item() - alone.item()) > 1e-3
+    # previous maps of another grid (or token set) do not take part
+    assert L.conform_loss(nouns, attributes, (0, 1), previous_token_maps=(previous[0][:, :1], previous[1])).item() \
+        == pytest.approx(alone.item())
+
+
 @pytest.mark.parametrize("name", ["divide_and_bind_binding", "syngen", "conform"])
 def test_binding_identical_is_lower_than_disjoint(name):
     loss = _binding_losses()[name]
