@@ -48,7 +48,7 @@ from typing import NamedTuple
 from . import host
 
 PACK_DIR = Path(__file__).resolve().parent.parent
-FAMILIES = ("sd15", "sd2", "sdxl")
+FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "sd35m", "flux", "flux_schnell")
 DEMO_CHECKPOINT = "AttnGuideDemoCheckpoint"
 DEMO_CONTROLNET = "AttnGuideDemoControlNet"
 CHECKPOINT_LOADERS = ("CheckpointLoaderSimple", "CheckpointLoader")
@@ -116,7 +116,7 @@ class DemoCheckpointLoader:
     def load(self, family, seed):
         from . import tiny_models
         return tiny_models.make_model(family, seed), tiny_models.make_clip(family, seed + 1), tiny_models.make_vae(
-            seed + 2)
+            seed + 2, family=family)
 
 
 class DemoControlNetLoader:
@@ -136,8 +136,14 @@ class DemoControlNetLoader:
 
 
 def guess_family(checkpoint_name: str) -> str:
-    """The model family a checkpoint's file name suggests (sdxl, sd2, else sd15)."""
+    """The model family a checkpoint's file name suggests (flux, sd3.5 / sd3, sdxl, sd2, else sd15)."""
     name = str(checkpoint_name).replace("\\", "/").lower()
+    if "flux" in name:
+        return "flux_schnell" if "schnell" in name else "flux"
+    if re.search(r"sd3\.5|sd35|sd_3\.5", name):
+        return "sd35m"
+    if re.search(r"sd3|sd_3", name):
+        return "sd3"
     if re.search(r"xl", name):
         return "sdxl"
     if re.search(r"(^|[^a-z0-9])(v2|sd2|sd_2|2[-_.][01])([^0-9]|$)|768", name):

@@ -154,6 +154,8 @@ def test_demo_swaps_loaders_and_makes_pictures(tmp_path):
     ("v1-5-pruned-emaonly.safetensors", "sd15"), ("sd_xl_base_1.0.safetensors", "sdxl"),
     ("v2-1_768-ema-pruned.safetensors", "sd2"), ("sd2.1/512-base-ema.ckpt", "sd2"),
     ("dreamshaper_8.safetensors", "sd15"), ("juggernautXL_v9.safetensors", "sdxl"),
+    ("flux1-dev-fp8.safetensors", "flux"), ("flux1-schnell.safetensors", "flux_schnell"),
+    ("sd3.5_large_fp8_scaled.safetensors", "sd35m"), ("sd3_medium_incl_clips.safetensors", "sd3"),
 ])
 def test_family_guess(name, family):
     assert cli.guess_family(name) == family

@@ -61,7 +61,7 @@ def tiny_prompt(name: str, family: str) -> dict:
             prompt[node_id] = {"class_type": "TinyCheckpointLoader", "inputs": {"family": family, "seed": 0}}
         elif node["class_type"] == "ControlNetLoader":
             prompt[node_id] = {"class_type": "TinyControlNetLoader", "inputs": {"family": family}}
-        elif node["class_type"] == "EmptyLatentImage":
+        elif node["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage"):
             inputs.update(width=SIZE, height=SIZE)
         elif node["class_type"] in ("AttnGuideKSampler", "BasicScheduler"):
             inputs["steps"] = STEPS
@@ -179,10 +179,55 @@ def test_binding_example_runs(runner, host_dirs):
     assert png.parent.name == "AttnGuide" and png.name.startswith("binding")
 
 
+def test_attend_and_excite_flux_example_runs(runner, host_dirs):
+    """Flux: T5 subjects, FluxGuidance on the positive, cfg 1, maps at the token grid (16 px a token)."""
+    out = runner.run(tiny_prompt("attend_and_excite_flux", "flux"))
+    assert out["image"].shape == (1, SIZE, SIZE, 3)
+    record = out["attention"]
+    assert record.subjects.labels == ["cat", "frog"] and record.subjects.segments[0].encoder == "t5"
+    assert record.steps == list(range(STEPS)) and record.resolution == (SIZE // 16, SIZE // 16)
+    assert [entry.step for entry in record.losses] == [0, 1]
+    assert set(record.losses[0].terms) == {"attend_and_excite"}
+    assert out["positive"][0][1]["guidance"] == 3.5
+    assert out["visual:average"].shape == (2, SIZE, SIZE, 3)
+    (png,) = saved_pngs(host_dirs / "output")
+    assert png.name.startswith("attend_and_excite_flux")
+
+
+def test_astar_sd35_example_runs(runner, host_dirs):
+    """SD3.5 (the medium shape, MMDiT-X): segregation and retention on every step, subjects with CLIP and T5
+    positions."""
+    out = runner.run(tiny_prompt("astar_sd35", "sd35m"))
+    assert out["image"].shape == (1, SIZE, SIZE, 3)
+    record = out["attention"]
+    assert record.subjects.labels == ["cat", "dog"]
+    assert [segment.encoder for segment in record.subjects.segments] == ["clip", "t5"]
+    assert all(len(s.token_positions) >= 2 for s in record.subjects.subjects)  # its CLIP token and T5 piece(s)
+    assert record.resolution == (SIZE // 16, SIZE // 16)
+    assert [entry.step for entry in record.losses] == list(range(STEPS))
+    assert set(record.loss_names) == {"segregation", "retention"}
+    assert out["visual:overlap"].shape == (1, SIZE, SIZE, 3)
+
+
+def test_dit_example_settings():
+    flux = {node["class_type"]: node["inputs"] for node in convert.to_api(load("attend_and_excite_flux")).values()}
+    assert flux["CheckpointLoaderSimple"]["ckpt_name"] == "flux1-dev-fp8.safetensors"
+    assert flux["FluxGuidance"]["guidance"] == 3.5 and flux["FluxGuidance"]["conditioning"] == ["2", 0]
+    assert flux["AttnGuideKSampler"]["positive"] == ["12", 0]
+    assert (flux["AttnGuideKSampler"]["cfg"], flux["AttnGuideKSampler"]["steps"]) == (1.0, 28)
+    assert flux["EmptySD3LatentImage"] == {"width": 1024, "height": 1024, "batch_size": 1}
+    assert flux["AttnGuideGuidance"]["attend_and_excite_weight"] == 1.0
+    sd35 = {node["class_type"]: node["inputs"] for node in convert.to_api(load("astar_sd35")).values()}
+    assert sd35["CheckpointLoaderSimple"]["ckpt_name"] == "sd3.5_large_fp8_scaled.safetensors"
+    assert (sd35["AttnGuideKSampler"]["cfg"], sd35["AttnGuideKSampler"]["scheduler"]) == (4.5, "sgm_uniform")
+    guidance = sd35["AttnGuideGuidance"]
+    assert (guidance["segregation_weight"], guidance["retention_weight"], guidance["guidance_end"]) == (1.0, 1.0, 1.0)
+
+
 # ---------------------------------------------------------------- the examples, as files
 
 ALL_EXAMPLES = ["attend_and_excite_sd15", "astar_sdxl", "attend_and_excite_controlnet_sd15",
-                "attend_and_excite_sampler_custom_sd15", "binding_sd15"]
+                "attend_and_excite_sampler_custom_sd15", "binding_sd15", "attend_and_excite_flux", "astar_sd35"]
 
 
 def test_every_example_is_tested():
