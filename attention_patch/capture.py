@@ -3,8 +3,8 @@ probabilities, which batch rows are the subjects' cond, and the map grid.
 
 Each family says which of its layers/blocks exist and how the capture is installed on a per-run copy of
 `model_options` (never on the user's MODEL): `unet.py` (SD1.x, SD2.x, SDXL: attn2 replace patches) and `dit.py`
-(SD3/SD3.5's MMDiT and Flux: the joint attention through `optimized_attention_override`). `select_capture`
-picks the family of a diffusion model and what it captures.
+(SD3/SD3.5's MMDiT and Flux: the joint attention through `optimized_attention_override`);
+`families.select_capture` picks the family of a diffusion model and what it captures.
 
 Two kinds of pass read maps:
 - recording passes (the sampler's own model calls): the layer output is the host's, bit for bit as without us,
@@ -109,21 +109,6 @@ class CaptureLayout:
     model: object = None        # the diffusion model
 
 
-def select_capture(diffusion_model, latent_shape, attention_resolution: int = 0, blocks: str = "") -> CaptureLayout:
-    """The family of `diffusion_model` and what its capture reads (see unet.select_layers, dit.select_blocks)."""
-    from . import dit, unet
-    family = dit.family_of(diffusion_model)
-    if family is not None:
-        units, resolution = dit.select_blocks(family, diffusion_model, latent_shape, blocks)
-        return CaptureLayout(dit, units, resolution, family.name, family, tuple(family.blocks(diffusion_model)),
-                             diffusion_model)
-    if blocks.strip():
-        raise ValueError(f"'blocks' ({blocks!r}) selects DiT blocks (SD3, Flux); this is a UNet model: use "
-                         "attention_resolution to choose its layers, and leave blocks empty")
-    layers, resolution = unet.select_layers(diffusion_model, latent_shape, attention_resolution)
-    return CaptureLayout(unet, layers, resolution, "unet", model=diffusion_model)
-
-
 class AttentionCapture:
     """Collects the aggregated text->image attention of the captured layers, one model evaluation at a time.
 
@@ -131,11 +116,10 @@ class AttentionCapture:
     arbitrary objects by reference) all point at the one capture of the run.
     """
 
-    def __init__(self, layers: list, resolution: tuple[int, int], target_uuid=None, family=None,
+    def __init__(self, layers: list, resolution: tuple[int, int], target_uuid, family,
                  layout: CaptureLayout | None = None):
-        from . import unet
         self.layers = layers        # the captured units (UNet attn2 layers, DiT blocks), in execution order
-        self.family = family if family is not None else unet
+        self.family = family        # the family's module (unet, dit): install, feedforwards
         self.family_impl = layout.impl if layout is not None else None
         self.all_blocks = list(layout.all_units) if layout is not None else []
         self.model = layout.model if layout is not None else None

@@ -66,6 +66,12 @@ def _weight_by_probe(forward, probe: torch.Tensor):
     return func, values
 
 
+def _not_a_view(out: torch.Tensor) -> torch.Tensor:
+    """A custom Function's output that is a view may not be edited in place later (autograd forbids it, and
+    Flux adds its residuals in place on layer outputs); the rare view that reaches here is copied."""
+    return out.clone() if isinstance(out, torch.Tensor) and out._is_view() else out
+
+
 class _PerCallWeightLayer(torch.autograd.Function):
     """y = layer(x) for a linear or conv2d layer whose weight is made per call; nothing of the weight is kept:
     the backward makes it again (layer forward on a probe) for dL/dx and frees it."""
@@ -74,7 +80,7 @@ class _PerCallWeightLayer(torch.autograd.Function):
     def forward(ctx, x, forward, probe_shape, kind):
         ctx.forward, ctx.probe_shape, ctx.kind, ctx.x_shape = forward, probe_shape, kind, x.shape
         ctx.x_dtype, ctx.x_device = x.dtype, x.device
-        return forward(x)
+        return _not_a_view(forward(x))
 
     @staticmethod
     def backward(ctx, grad):
@@ -99,7 +105,7 @@ class _RecomputedLayer(torch.autograd.Function):
     def forward(ctx, x, forward):
         ctx.forward = forward
         ctx.save_for_backward(x)
-        return forward(x)
+        return _not_a_view(forward(x))
 
     @staticmethod
     def backward(ctx, grad):
@@ -131,6 +137,10 @@ def _guarded(module, forward):
         kind = _layer_kind(module, x)
         if kind is None:
             return _RecomputedLayer.apply(x, forward)
+        if kind[0] == "linear" and x.ndim > 2:
+            # on the rows, reshaped outside the Function: its output is then no view (the same matmul)
+            out = _PerCallWeightLayer.apply(x.reshape(-1, x.shape[-1]), forward, kind[1], kind[0])
+            return out.view(*x.shape[:-1], out.shape[-1])
         return _PerCallWeightLayer.apply(x, forward, kind[1], kind[0])
     return run
 

@@ -20,7 +20,8 @@ import comfy.model_management
 import comfy.samplers
 
 from ..attention_patch import dit
-from ..attention_patch.capture import AttentionCapture, TruncatedPass, select_capture
+from ..attention_patch.capture import AttentionCapture, TruncatedPass
+from ..attention_patch.families import select_capture
 from ..attention_patch.record import AttentionRecord, StepLoss
 from ..text.subjects import Subjects, find_run, token_digests
 from . import losses as L

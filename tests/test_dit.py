@@ -13,6 +13,7 @@ from harness import pack_module, run_node
 sampler_mod = pack_module("guidance.sampler")
 capture_mod = pack_module("attention_patch.capture")
 dit = pack_module("attention_patch.dit")
+families = pack_module("attention_patch.families")
 losses = pack_module("guidance.losses")
 text_encode = pack_module("nodes.text_encode")
 ksampler_node = pack_module("nodes.sampler")
@@ -285,17 +286,17 @@ def test_every_loss_is_lower_after_its_update(dit_models, family, loss):
 def test_blocks_choice_and_unsupported_families_give_clear_errors(dit_models):
     model, _clip = dit_models("flux")
     diffusion_model = model.model.diffusion_model
-    layout = capture_mod.select_capture(diffusion_model, LATENT, blocks="single")
+    layout = families.select_capture(diffusion_model, LATENT, blocks="single")
     assert [u.key for u in layout.units] == [("single", 0), ("single", 1)] and layout.resolution == (8, 8)
-    assert [u.key for u in capture_mod.select_capture(diffusion_model, LATENT, blocks="0, 2-3").units] == \
+    assert [u.key for u in families.select_capture(diffusion_model, LATENT, blocks="0, 2-3").units] == \
         [("double", 0), ("single", 0), ("single", 1)]
     with pytest.raises(ValueError, match=r"blocks '7' .* 4 attention blocks \(2 double, 2 single\).* 0\.\.3"):
-        capture_mod.select_capture(diffusion_model, LATENT, blocks="7")
+        families.select_capture(diffusion_model, LATENT, blocks="7")
     unet_model = tiny.make_model("sd15")
     with pytest.raises(ValueError, match="selects DiT blocks"):
-        capture_mod.select_capture(unet_model.model.diffusion_model, (1, 4, 32, 32), blocks="double")
+        families.select_capture(unet_model.model.diffusion_model, (1, 4, 32, 32), blocks="double")
     with pytest.raises(capture_mod.UnsupportedModelError, match=r"SD3/SD3\.5 \(MMDiT\) and Flux"):
-        capture_mod.select_capture(torch.nn.Linear(2, 2), LATENT)
+        families.select_capture(torch.nn.Linear(2, 2), LATENT)
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3", "sd35m"])
@@ -314,7 +315,7 @@ def test_captured_maps_equal_diffusers_attention_on_a_twin(family):
         joint_blocks(twin))
 
     diffusion_model = model.model.diffusion_model
-    layout = capture_mod.select_capture(diffusion_model, latent.shape, blocks="all")
+    layout = families.select_capture(diffusion_model, latent.shape, blocks="all")
     capture = capture_mod.AttentionCapture.for_layout(layout)
     options = capture.install({"transformer_options": {}})["transformer_options"]
     options["cond_or_uncond"] = [0]
@@ -400,3 +401,60 @@ def test_conform_reads_the_previous_guided_steps_maps(dit_models, monkeypatch):
     sampler = sampler_mod.AttentionSampler(comfy.samplers.sampler_object("euler"), subjects, config)
     _sample(model, sampler, positive, negative, 1.0)
     assert seen == [None, (False, True), (False, True)]
+
+
+def _dit_loaded(family, storage=torch.float32, manual_cast=None, seed=5):
+    """A DiT MODEL as a loader gives it (inference-tensor weights) stored in `storage`."""
+    import comfy.model_management
+    import comfy.model_patcher
+    with torch.inference_mode():
+        model = tiny.make_unet_model(family, seed, storage, manual_cast)
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def _gradient_and_saved(model, clip, family):
+    """dL/dx at the first guided update, and the bytes autograd kept for that pass's backward (weights excluded)."""
+    weights = {p.untyped_storage().data_ptr() for p in model.model.diffusion_model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    original_loss = sampler_mod.GuidanceRun.loss
+
+    def loss(self, x, sigma):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return original_loss(self, x, sigma)
+    sampler_mod.GuidanceRun.loss = loss
+    try:
+        gradient, _sampler = _guided_inspect(model, clip, family, GuidanceConfig(refinement=(), guidance_end=0.25),
+                                             lambda run, x, total, sigma: torch.autograd.grad(
+                                                 total.sum(), [x], retain_graph=True)[0])
+    finally:
+        sampler_mod.GuidanceRun.loss = original_loss
+    return gradient, sum(seen.values())
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float8_e4m3fn])
+def test_dit_weights_stored_low_precision_cast_per_call(dit_models, family, storage):
+    """Flux and SD3 as users load them (bf16, fp8 storage, computed in fp32 by ComfyUI's manual cast): the guided
+    gradient equals the one of the same rounded weights fully loaded in fp32, and the backward keeps no cast
+    copy of the weights (within 5% of the fp32 model's saved bytes)."""
+    _model, clip = dit_models(family)
+    cast = _dit_loaded(family, storage, torch.float32)
+    with torch.inference_mode():
+        reference_model = tiny.make_unet_model(family, 0, torch.float32)
+        reference_model.diffusion_model.load_state_dict(
+            {k: v.float() for k, v in cast.model.diffusion_model.state_dict().items()})
+    import comfy.model_management
+    import comfy.model_patcher
+    reference = comfy.model_patcher.ModelPatcher(reference_model, load_device=comfy.model_management.get_torch_device(),
+                                                 offload_device=comfy.model_management.unet_offload_device())
+    got, saved = _gradient_and_saved(cast, clip, family)
+    want, saved_fp32 = _gradient_and_saved(reference, clip, family)
+    assert want.abs().max() > 0
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+    assert saved <= 1.05 * saved_fp32, (saved, saved_fp32)
