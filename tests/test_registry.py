@@ -9,7 +9,7 @@ import pytest
 from harness import PACK, PACK_DIR
 
 EXPECTED_IDS = {"AttnGuideTextEncode", "AttnGuideGuidance", "AttnGuideKSampler", "AttnGuideSampler",
-                "AttnGuideSamplerAttention", "AttnGuideVisualize"}
+                "AttnGuideSamplerAttention", "AttnGuideVisualize", "AttnGuideInitNO", "AttnGuideMetrics"}
 
 
 def _schemas():

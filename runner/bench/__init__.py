@@ -14,10 +14,11 @@ Nothing imports ComfyUI at module level.
 from __future__ import annotations
 
 import argparse
+import re
+from pathlib import Path
 
 
 def _size(text: str) -> tuple[int, int]:
-    import re
     match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text)
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size: give PX or WIDTHxHEIGHT")
@@ -121,7 +122,6 @@ def _report(options, say) -> int:
     if clip:
         from .metrics import ClipError, ClipScorer
         from .store import STORE_FILE, Store
-        from pathlib import Path
         if not (Path(folder).expanduser() / STORE_FILE).is_file():
             raise run_module.BenchError(f"no bench store in {folder}")
         try:

@@ -245,7 +245,7 @@ class ServerBackend(Backend):
         self.url = url.strip().rstrip("/")
         if "://" not in self.url:
             self.url = "http://" + self.url
-        self.name = self.url.split("://", 1)[1]
+        self.name = self.url[len("http://"):] if self.url.startswith("http://") else self.url
         self.slots = max(1, int(slots))
         self.poll_seconds = poll_seconds
         self.dead_after = dead_after
@@ -290,6 +290,8 @@ class ServerBackend(Backend):
         """Raises ServerError unless the server answers as a ComfyUI with the attention guidance pack."""
         try:
             stats = self._get("/system_stats").json()
+        except self._requests.HTTPError as error:
+            raise ServerError(f"server {self.name}: answers, but not as ComfyUI ({error})") from None
         except self._requests.RequestException as error:
             reason = "nothing answers there" if self._unreachable(error) else str(error)
             raise ServerError(f"server {self.name}: cannot connect ({reason}); is ComfyUI running at {self.url}?"

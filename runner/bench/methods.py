@@ -456,11 +456,17 @@ def missing_checkpoint(method: Method, catalog: NodeCatalog) -> str | None:
     return None
 
 
+def is_workflow_spec(spec: str) -> bool:
+    """Whether a --method argument names a workflow file ([NAME=]path) rather than a preset or a loss set."""
+    text = spec.strip()
+    candidate = text.partition("=")[2] if "=" in text and ":" not in text.partition("=")[0] else text
+    return text.lower().endswith((".json", ".png")) or Path(candidate).expanduser().is_file()
+
+
 def build_method(spec: str, settings: RunSettings, catalog: NodeCatalog) -> Method:
     """A --method argument: a preset name, 'NAME: key=value; ...', or a workflow file ([NAME=]path)."""
     text = spec.strip()
-    candidate = text.partition("=")[2] if "=" in text and ":" not in text.partition("=")[0] else text
-    if text.lower().endswith((".json", ".png")) or Path(candidate).expanduser().is_file():
+    if is_workflow_spec(text):
         return workflow_method(text, settings, catalog)
     if ":" in text:
         return custom_method(text, settings, catalog)

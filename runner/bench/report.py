@@ -217,13 +217,12 @@ def bar_chart(path: Path, title: str, columns_: list[str], methods: list[str],
         return top + plot_h * (high - value) / (high - low)
 
     step = _nice_step((high - low) / 6)
-    tick = math.ceil(low / step) * step
-    while tick <= high + 1e-12:
+    for index in range(math.ceil(low / step - 1e-9), math.floor(high / step + 1e-9) + 1):
+        tick = index * step  # from the index, so that 0 is exactly 0
         y = y_of(tick)
         draw.line([(left, y), (width - right, y)], fill=(225, 225, 225))
-        text = f"{tick:+.3g}" if signed and tick else f"{tick:.3g}"
+        text = f"{tick:+.3g}" if signed and index else f"{tick:.3g}"
         draw.text((left - 8 - text_size(text, small)[0], y - 7), text, font=small, fill=(90, 90, 90))
-        tick += step
     draw.line([(left, y_of(0.0)), (width - right, y_of(0.0))], fill=(60, 60, 60), width=1)
     draw.line([(left, top), (left, top + plot_h)], fill=(60, 60, 60))
     group_w = (width - left - right) / max(len(columns_), 1)
@@ -313,7 +312,8 @@ def report(store_folder: str | Path, out: str | Path | None = None, sheet_seeds:
         suffix = "" if len(groups) == 1 else f"_{number}"
         cols = columns(group)
         for metric in group.metrics():
-            label = LABELS.get(metric, metric)
+            aim = "higher" if HIGHER_IS_BETTER.get(metric, True) else "lower"
+            label = f"{LABELS.get(metric, metric)} ({aim} is the aim)"
             name = f"{metric}{suffix}.png"
             colours = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(group.methods)}
             bar_chart(out_dir / name, f"{label}: mean ± standard error", cols, group.methods, table(group, metric),

@@ -27,6 +27,11 @@ class BenchError(Exception):
     """A problem the user can fix; printed without a traceback."""
 
 
+NO_MODEL = ("which model? give --ckpt NAME (a checkpoint in ComfyUI's models/checkpoints, or a file path when jobs "
+            "run in this process), --loader NODE (a node without inputs that outputs MODEL, CLIP, VAE) or --demo "
+            "(tiny random models, in this process)")
+
+
 def slug(text: str, length: int = 60) -> str:
     value = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "x"
     return value[:length]
@@ -181,10 +186,8 @@ def _settings(options, catalog) -> methods_module.RunSettings:
         loader = {"class_type": options.loader, "inputs": {}}
     elif options.ckpt:
         loader = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": options.ckpt}}
-    else:
-        raise BenchError("which model? give --ckpt NAME (a checkpoint in ComfyUI's models/checkpoints, or a file "
-                         "path when jobs run in this process), --loader NODE (a node without inputs that outputs "
-                         "MODEL, CLIP, VAE) or --demo (tiny random models, in this process)")
+    else:  # only workflow methods: they bring their own loaders
+        loader = {"class_type": "", "inputs": {}}
     width, height = options.size or (512, 512)
     overrides = {}
     for assignment in options.guidance or []:  # one key=value each (a value may hold commas: refinement)
@@ -224,6 +227,9 @@ def _servers(options, say) -> list:
     for url in options.server:
         backend = backends_module.ServerBackend(url, slots=options.jobs_per_server, dead_after=options.dead_after,
                                                 poll_seconds=options.poll)
+        if any(other.url == backend.url for other in usable):
+            say(f"note: server {backend.name} is given twice; used once")
+            continue
         try:
             backend.check()
         except backends_module.ServerError as error:
@@ -351,6 +357,9 @@ def run(options, say) -> int:
         raise BenchError("no prompt to run" + (f" in categories {', '.join(categories)}" if categories else ""))
     if options.demo and options.server:
         raise BenchError("--demo's tiny models exist only in this process; on servers use --ckpt or --loader")
+    if not (options.demo or options.loader or options.ckpt) and not all(
+            methods_module.is_workflow_spec(spec) for spec in options.method or ["plain"]):
+        raise BenchError(NO_MODEL)
 
     scorer = None
     if options.clip:
