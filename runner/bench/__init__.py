@@ -37,8 +37,9 @@ def add_parser(commands, common, prog: str) -> argparse.ArgumentParser:
         epilog=f"examples: {prog} bench --demo --seeds 0-1 --num-prompts 3 --steps 4 --size 64  |  "
                f"{prog} bench --ckpt v1-5-pruned-emaonly.safetensors --server http://127.0.0.1:8188  |  "
                f"{prog} bench report")
-    bench.add_argument("--out", default="attn_guide_bench", metavar="DIR",
-                       help="the store: bench.sqlite and images/ (default: ./attn_guide_bench)")
+    bench.add_argument("--out", default=None, metavar="DIR",
+                       help="the store: bench.sqlite and images/ (default: attn_guide_bench in ComfyUI's output "
+                            "folder, else in the current folder)")
     bench.add_argument("--prompts", metavar="FILE", help="prompt set: JSON ({category: [...]} or a list; entries "
                        "'prompt' or {prompt, subjects, category}) or TXT ('prompt' or 'prompt | subjects' a line); "
                        "default: the A&E paper's 276 prompts (data/attend_and_excite_prompts.json)")
@@ -102,6 +103,7 @@ def main(options, say) -> int:
     """Runs `bench` or `bench report`; the exit status (1 with a message for a problem the user can fix)."""
     from . import run as run_module
     try:
+        options.out = str(store_folder(options.out, getattr(options, "comfyui", None)))
         if getattr(options, "bench_command", None) == "report":
             return _report(options, say)
         if options.steps is not None and options.steps < 1:
@@ -112,6 +114,24 @@ def main(options, say) -> int:
     except run_module.BenchError as error:
         say(f"error: {error}", err=True)
         return 1
+
+
+def store_folder(out, comfyui=None) -> Path:
+    """--out, else attn_guide_bench in the local ComfyUI's output folder (else in the current folder). Never a
+    folder directly in custom_nodes/: ComfyUI imports every folder there as a node pack at each start."""
+    from .. import host
+    from .run import BenchError
+    if out:
+        folder = Path(out).expanduser().resolve()
+    else:
+        try:
+            folder = host.find_host(comfyui) / "output" / "attn_guide_bench"
+        except host.HostNotFound:
+            folder = Path.cwd().resolve() / "attn_guide_bench"
+    if folder.parent.name == "custom_nodes":
+        raise BenchError(f"the store {str(folder)!r} would be a folder in ComfyUI's custom_nodes, which ComfyUI "
+                         "imports as a node pack at every start (IMPORT FAILED): give --out a folder elsewhere")
+    return folder
 
 
 def _report(options, say) -> int:
