@@ -297,6 +297,15 @@ def test_blocks_choice_and_unsupported_families_give_clear_errors(dit_models):
         families.select_capture(unet_model.model.diffusion_model, (1, 4, 32, 32), blocks="double")
     with pytest.raises(capture_mod.UnsupportedModelError, match=r"SD3/SD3\.5 \(MMDiT\) and Flux"):
         families.select_capture(torch.nn.Linear(2, 2), LATENT)
+    # a DiT family the pack does not cover, from ComfyUI's own classes: AuraFlow's MMDiT (not SD3's)
+    import comfy.ldm.aura.mmdit
+    import comfy.ops
+    aura = comfy.ldm.aura.mmdit.MMDiT(in_channels=4, out_channels=4, dim=64, n_layers=2, n_double_layers=1, n_heads=2,
+                                      global_conddim=64, cond_seq_dim=32, max_seq=64,
+                                      operations=comfy.ops.disable_weight_init)
+    with pytest.raises(capture_mod.UnsupportedModelError,
+                       match=r"comfy\.ldm\.aura\.mmdit\.MMDiT is not a model family .* supported: SD1\.x"):
+        families.select_capture(aura, (1, 4, 16, 16))
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3", "sd35m"])
