@@ -467,3 +467,13 @@ def test_dit_weights_stored_low_precision_cast_per_call(dit_models, family, stor
     assert want.abs().max() > 0
     assert ((got - want).norm() / want.norm()).item() < 1e-5
     assert saved <= 1.05 * saved_fp32, (saved, saved_fp32)
+
+
+def test_initno_on_a_dit_model_says_it_is_not_available(dit_models):
+    """InitNO's conflict score reads UNet self-attention: on DiT models a clear error, every loss still works."""
+    model, clip = dit_models("flux")
+    positive, negative, subjects = _conds("flux", clip)
+    initno = pack_module("guidance.initno").InitNOConfig()
+    sampler = sampler_mod.AttentionSampler(comfy.samplers.sampler_object("euler"), subjects, initno=initno)
+    with pytest.raises(ValueError, match="InitNO .* not available for flux models"):
+        _sample(model, sampler, positive, negative, 1.0)
