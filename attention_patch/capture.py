@@ -136,6 +136,8 @@ class AttentionCapture:
         self._guided_maps: list[torch.Tensor] = []
         self._guided_sums: list[tuple[torch.Tensor, int]] = []
         self._seen = 0
+        self.want_self_attention = False  # DiT guided passes: also the image->image attention (InitNO)
+        self._self_sums: list[tuple[torch.Tensor, int]] = []
 
     @classmethod
     def for_layout(cls, layout: CaptureLayout, target_uuid=None) -> "AttentionCapture":
@@ -164,6 +166,19 @@ class AttentionCapture:
     def add_guided_sum(self, summed: torch.Tensor, heads: int) -> None:
         """Differentiable maps of one layer of a guided pass, summed over its `heads` heads: [B, H*W, T]."""
         self._guided_sums.append((summed, heads))
+
+    def add_self_sum(self, summed: torch.Tensor, heads: int) -> None:
+        """Differentiable image->image attention of one DiT block, summed over heads: [B, N, N]."""
+        self._self_sums.append((summed, heads))
+
+    def take_self_attention(self) -> torch.Tensor | None:
+        """The image->image attention of the last guided pass, mean over heads and blocks, each row re-normalised
+        over the image keys (a self-attention map, as InitNO reads it on UNets): [B, N, N]; then cleared."""
+        sums, self._self_sums = self._self_sums, []
+        if not sums:
+            return None
+        mean = sum(s for s, _h in sums) / sum(h for _s, h in sums)
+        return mean / mean.sum(dim=-1, keepdim=True).clamp(min=1e-12)
 
     def add_recorded(self, summed: torch.Tensor, heads: int) -> None:
         """Maps of one layer of a recording pass, summed over its `heads` heads: [B, H*W, T]."""

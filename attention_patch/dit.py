@@ -194,11 +194,11 @@ def token_grid(family: Family, diffusion_model, latent_shape) -> tuple[int, int]
     return (-(-height // patch), -(-width // patch))  # the host pads the latent to the patch size
 
 
-def text_image_probabilities(q_image: torch.Tensor, k: torch.Tensor, text: int, chunk: int = 0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) over all keys, its text-key columns, summed over heads.
+def key_probabilities(q_image: torch.Tensor, k: torch.Tensor, first: int, stop: int, chunk: int = 0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) over all keys, its key columns [first, stop), summed over heads.
 
-    q_image: [B, heads, N, d] (the image queries), k: [B, heads, L, d] (all keys; the text first) -> [B, N, text]
-    (fp32). Query chunks bound the [heads, chunk, L] scores held at once."""
+    q_image: [B, heads, N, d] (the image queries), k: [B, heads, L, d] (all keys) -> [B, N, stop - first] (fp32).
+    Query chunks bound the [heads, chunk, L] scores held at once."""
     batch, heads, pixels, dim = q_image.shape
     scale = dim ** -0.5
     k = k.float()
@@ -206,13 +206,18 @@ def text_image_probabilities(q_image: torch.Tensor, k: torch.Tensor, text: int, 
     parts = []
     for start in range(0, pixels, step):
         scores = (q_image[:, :, start:start + step].float() @ k.transpose(-1, -2)) * scale
-        parts.append(scores.softmax(dim=-1)[..., :text].sum(dim=1))
+        parts.append(scores.softmax(dim=-1)[..., first:stop].sum(dim=1))
     return torch.cat(parts, dim=1)
 
 
-def _differentiable_probabilities(q_image, k, text):
+def text_image_probabilities(q_image: torch.Tensor, k: torch.Tensor, text: int, chunk: int = 0) -> torch.Tensor:
+    """The image queries' attention to the text keys (the text first in the joint sequence): [B, N, text]."""
+    return key_probabilities(q_image, k, 0, text, chunk)
+
+
+def _differentiable_probabilities(q_image, k, first, stop):
     # recomputed in the backward: stored, the [B, heads, N, L] softmax would dominate the pass's memory
-    return checkpoint(text_image_probabilities, q_image, k, text, use_reentrant=False, preserve_rng_state=False)
+    return checkpoint(key_probabilities, q_image, k, first, stop, use_reentrant=False, preserve_rng_state=False)
 
 
 def _heads_first(tensor: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
@@ -247,8 +252,11 @@ def record_joint_attention(capture, func, inner, args, kwargs):
     if capture.guided:
         if rows is not None:
             q4, k4 = _heads_first(q[rows], heads, skip_reshape), _heads_first(k[rows], heads, skip_reshape)
-            capture.add_guided_sum(_differentiable_probabilities(
-                q4[:, :, state.text:state.text + state.image], k4, state.text), q4.shape[1])
+            q_image = q4[:, :, state.text:state.text + state.image]
+            capture.add_guided_sum(_differentiable_probabilities(q_image, k4, 0, state.text), q4.shape[1])
+            if capture.want_self_attention:  # InitNO's conflict score: the image queries' attention to the image
+                capture.add_self_sum(_differentiable_probabilities(q_image, k4, state.text, state.text + state.image),
+                                     q4.shape[1])
             capture.grid = state.grid
         if capture.count_unit():
             raise TruncatedPass()

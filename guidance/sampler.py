@@ -565,9 +565,6 @@ class AttentionSampler(comfy.samplers.KSAMPLER):
         else:
             model_k.noise = noise
         model_sampling = model_wrap.inner_model.model_sampling
-        if self.initno is not None and layout.name != "unet":
-            raise ValueError(f"InitNO reads the UNet's self-attention for its conflict score; it is not available for "
-                             f"{layout.name} models yet: disconnect the InitNO input (every loss still works)")
         if self.initno is not None:  # a better start: only the noise changes
             noise = self._initno(model_k, captured_options, layers, capture, binding, record, sigmas, noise,
                                  latent_image, extra_args.get("seed") or 0, self.max_denoise(model_wrap, sigmas))
@@ -606,18 +603,24 @@ class AttentionSampler(comfy.samplers.KSAMPLER):
 
     def _initno(self, model_k, captured_options, layers, capture, binding, record, sigmas, noise, latent_image,
                 seed, max_denoise) -> torch.Tensor:
-        """InitNO's stage (guidance/initno.py): the initial noise optimised on one conditional pass at sigma_0."""
-        self_capture = initno.SelfAttentionCapture(layers, binding.cond.get("uuid"))
+        """InitNO's stage (guidance/initno.py): the initial noise optimised on one conditional pass at sigma_0.
+
+        Its conflict score reads self-attention: on UNets the attn1 layers of the captured resolution; on DiT
+        models the image->image part of the captured blocks' joint attention, re-normalised over the image."""
         config = self.config
-        stage = GuidanceRun(model_k, self_capture.install(captured_options), capture, binding, config, record,
-                            len(sigmas) - 1)
+        if capture.family_impl is None:
+            self_capture = initno.SelfAttentionCapture(layers, binding.cond.get("uuid"))
+            options, take_self = self_capture.install(captured_options), self_capture.take
+        else:
+            options, take_self = captured_options, capture.take_self_attention
+        stage = GuidanceRun(model_k, options, capture, binding, config, record, len(sigmas) - 1)
         model_sampling = model_k.inner_model.inner_model.model_sampling
 
         def scores(z):
             x = model_sampling.noise_scaling(sigmas[0], z, latent_image, max_denoise)
             maps = L.subject_attention_maps(stage.forward_maps(x, sigmas[0]), binding.subjects, capture.grid,
                                             config.temperature, config.exclude_padding)
-            self_maps = self_capture.take()
+            self_maps = take_self()
             conflict = initno.conflict_score(self_maps, maps, config.smoothing_sigma) if self_maps is not None \
                 else maps.new_zeros(maps.shape[0])
             return initno.response_score(maps, config.smoothing_sigma), conflict
@@ -626,9 +629,13 @@ class AttentionSampler(comfy.samplers.KSAMPLER):
             generator = torch.Generator().manual_seed(int(seed) + round_index)
             return torch.randn(noise.shape, generator=generator).to(noise)
 
-        with torch.inference_mode(False), torch.enable_grad(), dit.differentiable_host(), \
-                per_call_weights(stage.inner_model.diffusion_model):
-            result = initno.optimise_noise(scores, noise.detach().clone(), fresh_noise, self.initno)
+        capture.want_self_attention = True
+        try:
+            with torch.inference_mode(False), torch.enable_grad(), dit.differentiable_host(), \
+                    per_call_weights(stage.inner_model.diffusion_model):
+                result = initno.optimise_noise(scores, noise.detach().clone(), fresh_noise, self.initno)
+        finally:
+            capture.want_self_attention = False
         record.initno = {"succeeded": result.succeeded, "response": result.response, "conflict": result.conflict,
                          "kl": result.kl, "history": result.history}
         log.info("attention guidance: InitNO %s (response %.3f, conflict %.3f, %d passes)",

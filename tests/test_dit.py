@@ -469,11 +469,30 @@ def test_dit_weights_stored_low_precision_cast_per_call(dit_models, family, stor
     assert saved <= 1.05 * saved_fp32, (saved, saved_fp32)
 
 
-def test_initno_on_a_dit_model_says_it_is_not_available(dit_models):
-    """InitNO's conflict score reads UNet self-attention: on DiT models a clear error, every loss still works."""
-    model, clip = dit_models("flux")
-    positive, negative, subjects = _conds("flux", clip)
-    initno = pack_module("guidance.initno").InitNOConfig()
-    sampler = sampler_mod.AttentionSampler(comfy.samplers.sampler_object("euler"), subjects, initno=initno)
-    with pytest.raises(ValueError, match="InitNO .* not available for flux models"):
-        _sample(model, sampler, positive, negative, 1.0)
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_initno_on_dit_models(dit_models, family, monkeypatch):
+    """InitNO on DiT models: its conflict score reads the image->image part of the captured blocks' joint
+    attention (each row re-normalised over the image keys); the stage lowers its score, keeps the noise a
+    standard normal draw, and sampling starts from that noise."""
+    initno_mod = pack_module("guidance.initno")
+    model, clip = dit_models(family)
+    positive, negative, subjects = _conds(family, clip)
+    self_maps = []
+    original_conflict = initno_mod.conflict_score
+
+    def conflict(maps_self, maps, smoothing_sigma=0.5):
+        self_maps.append(maps_self.detach())
+        return original_conflict(maps_self, maps, smoothing_sigma)
+    monkeypatch.setattr(initno_mod, "conflict_score", conflict)
+    config = initno_mod.InitNOConfig(rounds=2, iterations=4, final_iterations=2, learning_rate=0.05)
+    sampler = sampler_mod.AttentionSampler(comfy.samplers.sampler_object("euler"), subjects, initno=config)
+    out = _sample(model, sampler, positive, negative, CFG[family])
+    plain = _sample(model, comfy.samplers.sampler_object("euler"), positive, negative, CFG[family])
+    assert torch.isfinite(out).all() and not torch.equal(out, plain)
+    assert self_maps and self_maps[0].shape == (1, 64, 64)  # [B, N, N] on the 8x8 token grid
+    assert torch.allclose(self_maps[0].sum(-1), torch.ones(1, 64), atol=1e-5)
+    history = sampler.last_record.initno["history"]
+    first_round = [entry for entry in history if entry[0] == 0]
+    joint = [initno_mod.joint_score(torch.tensor(r), torch.tensor(c)).item() for _round, _i, r, c in first_round]
+    assert joint[-1] < joint[0]
+    assert 0.0 <= sampler.last_record.initno["kl"] <= config.kl_bound
