@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from harness import HOST, PACK_DIR, pack_module
 from PIL import Image
 
@@ -136,14 +137,18 @@ def tiny_loader():
 
 
 def bench(*args) -> tuple[int, str]:
-    """`python -m <pack> bench ...` in this process: (exit status, what it printed)."""
+    """`python -m <pack> bench ...` in this process: (exit status, what it printed). One torch thread, as the
+    servers run (OMP_NUM_THREADS=1): a guided step's sums in another thread count differ in their last bits,
+    and the images of the two backends are compared exactly."""
     out, err = io.StringIO(), io.StringIO()
-    saved = sys.stdout, sys.stderr
+    saved = sys.stdout, sys.stderr, torch.get_num_threads()
     sys.stdout, sys.stderr = out, err
+    torch.set_num_threads(1)
     try:
         code = cli.main(["bench", *args])
     finally:
-        sys.stdout, sys.stderr = saved
+        sys.stdout, sys.stderr = saved[:2]
+        torch.set_num_threads(saved[2])
     return code, out.getvalue() + err.getvalue()
 
 
