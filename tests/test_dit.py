@@ -355,17 +355,29 @@ def test_visualiser_draws_dit_records(dit_models, family):
         assert image.ndim == 4 and image.shape[-1] == 3 and float(image.std()) > 0.01, mode
 
 
-def test_lora_patched_flux_is_captured_and_guided_with_its_patch(dit_models):
-    """A weight patch on a double block's attention (ModelPatcher.add_patches, the mechanism LoraLoader uses):
-    capture-only sampling still equals KSampler on the patched model, and the maps are the patched model's."""
+def test_lora_patched_flux_is_captured_and_guided_with_its_patch(dit_models, tmp_path):
+    """A LoRA file (rank 4 on every double block's attention) loaded by ComfyUI's LoraLoaderModelOnly: capture-only
+    sampling still equals KSampler on the patched model, the maps are the patched model's, and guidance runs."""
+    import comfy.lora
+    import comfy.sd
+    import comfy.utils
+    import safetensors.torch
     model, clip = dit_models("flux")
     positive, negative, subjects = _conds("flux", clip)
-    key = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
-    weight = model.model.state_dict()[key]
     generator = torch.Generator().manual_seed(4)
-    low_rank = torch.randn(weight.shape[0], 4, generator=generator) @ torch.randn(4, weight.shape[1], generator=generator)
-    patched = model.clone()
-    assert patched.add_patches({key: (low_rank / weight.shape[1] ** 0.5,)}, strength_patch=1.0) == [key]
+    state = {}
+    for key, weight in model.model.state_dict().items():
+        if ".double_blocks." in key and key.endswith(("img_attn.qkv.weight", "txt_attn.qkv.weight")):
+            out_features, in_features = weight.shape
+            base = key[:-len(".weight")]
+            state[f"{base}.lora_up.weight"] = torch.randn(out_features, 4, generator=generator) * 0.2
+            state[f"{base}.lora_down.weight"] = torch.randn(4, in_features, generator=generator) / in_features ** 0.5
+    known = comfy.lora.model_lora_keys_unet(model.model, {})
+    assert state and all(key.rsplit(".lora_", 1)[0] in known for key in state)  # every key patches a weight
+    path = tmp_path / "flux_lora.safetensors"
+    safetensors.torch.save_file(state, str(path))
+    patched = comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(str(path)), 1.0, 0)[0]
+    assert len(patched.patches) == len(state) // 2
     latent = {"samples": torch.zeros(LATENT)}
     common = dict(seed=SEED, steps=STEPS, cfg=1.0, sampler_name="euler", scheduler="simple", positive=positive,
                   negative=negative, latent_image=latent, denoise=1.0)
