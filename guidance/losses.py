@@ -4,10 +4,11 @@ Every loss takes the subjects' processed maps A: [B, S, H, W] (fp32; B images, S
 returns a per-image loss [B]. The guidance minimises the weighted sum of the selected losses.
 Adding a loss is adding a function and one `LOSSES` entry; the sampler needs no change.
 
-The attribute-binding losses also read the context `combined_loss` passes on: `attribute_maps`
-[B, A, H, W] (the processed maps of the attribute token groups, processed as A), `attribute_owner`
-(length A: the index s in A of each attribute's noun) and `other_maps` [B, O, H, W] (the prompt's
-other content tokens; O may be 0). Every loss swallows the keys it does not use.
+The attribute-binding losses also read the context `combined_loss` passes on (`binding_context`):
+`attribute_maps` [B, A, H, W] (the processed maps of the attribute token groups, processed as A),
+`attribute_owner` (length A: the index s in A of each attribute's noun), `other_maps` [B, O, H, W] (the
+prompt's other content tokens; O may be 0) and `token_piece_maps` (`TokenPieceMaps`: every one of those
+tokens' raw, unprocessed map, which SynGen reads). Every loss swallows the keys it does not use.
 """
 from __future__ import annotations
 
@@ -94,17 +95,43 @@ def subject_attention_maps(aggregated: torch.Tensor, subjects, resolution: tuple
                             temperature, exclude_padding)
 
 
+@dataclass(frozen=True)
+class TokenPieceMaps:
+    """The raw cross-attention map of each prompt token the binding losses compare, and whose token each is.
+
+    maps: [B, K, H, W], the model's own attention probabilities of each token (its softmax over all the text's
+    keys), averaged over heads and layers as captured: no re-weighting, no smoothing. nouns (per subject) and
+    attributes (per attribute, in `Subjects.attributes` order): the rows of maps of each word's tokens (its
+    CLIP BPE pieces or T5 pieces; SD3: both). others: the rows of the prompt's other content tokens, one each."""
+    maps: torch.Tensor
+    nouns: tuple[tuple[int, ...], ...]
+    attributes: tuple[tuple[int, ...], ...]
+    others: tuple[int, ...]
+
+
 def binding_context(aggregated: torch.Tensor, subjects, resolution: tuple[int, int], temperature: float = 100.0,
                     exclude_padding: bool = False) -> dict:
-    """What the binding losses read beside the nouns' maps, processed as those: attribute_maps [B, A, H, W],
-    attribute_owner (the index of each attribute's noun) and other_maps [B, O, H, W] (the prompt's other
-    content tokens; with exclude_padding off A&E's softmax also spans end and padding, which stay out)."""
+    """What the binding losses read beside the nouns' maps: attribute_maps [B, A, H, W] (processed as the nouns'),
+    attribute_owner (the index of each attribute's noun), other_maps [B, O, H, W] (the prompt's other content
+    tokens, processed alike; with exclude_padding off A&E's softmax also spans end and padding, which stay out),
+    and token_piece_maps (`TokenPieceMaps`: the raw map of every token of the nouns, attributes and others)."""
     pairs = subjects.attributes
     attribute_maps = token_group_maps(aggregated, subjects, [a.token_positions for _i, a in pairs], resolution,
                                       temperature, exclude_padding)
-    other_maps = token_group_maps(aggregated, subjects, [(p,) for p in subjects.other_positions()], resolution,
+    others = subjects.other_positions()
+    other_maps = token_group_maps(aggregated, subjects, [(p,) for p in others], resolution,
                                   temperature, exclude_padding)
-    return {"attribute_maps": attribute_maps, "attribute_owner": tuple(i for i, _a in pairs), "other_maps": other_maps}
+    positions: dict[int, int] = {}  # token position -> its row in the raw maps
+
+    def rows(token_positions) -> tuple[int, ...]:
+        return tuple(positions.setdefault(p, len(positions)) for p in token_positions)
+    nouns = tuple(rows(s.token_positions) for s in subjects.subjects)
+    attributes = tuple(rows(a.token_positions) for _i, a in pairs)
+    other_rows = rows(others)
+    raw = aggregated[:, :, list(positions)].float().transpose(1, 2).reshape(aggregated.shape[0], len(positions),
+                                                                            *resolution)
+    return {"attribute_maps": attribute_maps, "attribute_owner": tuple(i for i, _a in pairs), "other_maps": other_maps,
+            "token_piece_maps": TokenPieceMaps(raw, nouns, attributes, other_rows)}
 
 
 def max_attention_per_subject(maps: torch.Tensor, kernel_size: int = 3, sigma: float = 0.5) -> torch.Tensor:
@@ -241,8 +268,10 @@ def jensen_shannon_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def symmetric_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """dist(P, Q) = KL(P || Q) + KL(Q || P) over the last dim (SynGen's distance between two maps)."""
-    return kl_divergence(p, q) + kl_divergence(q, p)
+    """SynGen's distance between two maps: dist(P, Q) = 1/2 [KL(P || Q) + KL(Q || P)] over the last dim.
+
+    The mean of the two directions, as SynGen's code (`_symmetric_kl` in compute_loss.py) takes it."""
+    return 0.5 * (kl_divergence(p, q) + kl_divergence(q, p))
 
 
 def _attribute_owners(maps: torch.Tensor, attribute_maps: torch.Tensor, attribute_owner) -> list[int]:
@@ -255,61 +284,148 @@ def _attribute_owners(maps: torch.Tensor, attribute_maps: torch.Tensor, attribut
     return owners
 
 
-def divide_and_bind_binding_loss(maps: torch.Tensor, attribute_maps: torch.Tensor, attribute_owner,
-                                 smoothing_sigma: float = 0.5, **_) -> torch.Tensor:
-    """Divide & Bind binding (Li et al., BMVC 2023): L_bind = 1/|P| sum_{(a, n) in P} JSD(P_a || P_n).
+_DB_FLOOR = 1e-5  # Divide & Bind's code adds it to both distributions after the cut, so no pixel is 0
 
-    P: the attribute-noun pairs (a, attribute_owner[a]). P_x = G * A_x / sum_ij G * A_x: the
-    Gaussian-smoothed map normalised to a distribution over pixels. JSD as `jensen_shannon_divergence`:
-    0 when the attribute attends exactly where its noun does, ln 2 when the two maps are disjoint.
-    Left open, chosen here: the maps are smoothed first, as for the attendance term (the pack's
-    processed map G * A; smoothing_sigma -> 0 gives the unsmoothed maps); the pairs are averaged, not
-    summed, so the term stays in [0, ln 2] whatever the number of attributes and its weight need not
-    change with the prompt (the attendance term it is paired with is a min over subjects, also
-    independent of their number).
+
+def divide_and_bind_total_variation(maps: torch.Tensor) -> torch.Tensor:
+    """The total variation Divide & Bind's code computes of a map [..., H, W] -> [...] (its `tv_loss`):
+
+        TV(A) = mean_{i, j} |A[i, j+1] - A[i, j]| + mean_{i >= 1, j} |A[H-1, j] - A[i, j]|
+
+    Means, not sums (torch's L1Loss). The second term is the code's as written (`image[-1:, :]` against
+    `image[1:, :]`: the last row against each row from the second on), not the difference of neighbouring rows; it
+    is kept because the binding term uses TV only to choose its cut (`divide_and_bind_binding_loss`), by thresholds
+    the authors tuned on this quantity."""
+    horizontal = (maps[..., :, 1:] - maps[..., :, :-1]).abs().mean(dim=(-2, -1))
+    vertical = (maps[..., -1:, :] - maps[..., 1:, :]).abs().mean(dim=(-2, -1))
+    return horizontal + vertical
+
+
+def divide_and_bind_binding_weight(progress: float | None) -> float:
+    """Divide & Bind's binding coefficient c: by the code's denoising step i of 50, 1 for i < 10, 5 for 10 <= i < 20,
+    10 from 20 on; here by progress = step / steps (< 0.2: 1, < 0.4: 5, else 10). None (not known): 1."""
+    if progress is None:
+        return 1.0
+    return 1.0 if progress < 0.2 else 5.0 if progress < 0.4 else 10.0
+
+
+def divide_and_bind_binding_loss(maps: torch.Tensor, attribute_maps: torch.Tensor, attribute_owner,
+                                 smoothing_sigma: float = 0.5, progress: float | None = None, **_) -> torch.Tensor:
+    """Divide & Bind binding (Li et al., BMVC 2023): the Jensen-Shannon divergence between each attribute's map
+    and its noun's, computed as the authors' code does.
+
+        L_bind = c(progress) * sum_{(a, n) in P} JSD(p_n, p_a)
+
+    P: the attribute-noun pairs (a, attribute_owner[a]). Per pair, from the smoothed maps N = G * A_n and
+    C = G * A_a (the pack's processed maps: A&E's softmax over the prompt's tokens at temperature 100, then the 3x3
+    Gaussian, as D&B's code processes both):
+        C' = C * max N / max C                          the attribute's map brought to the noun's peak
+        P_n = softmax(vec N),  P_a = softmax(vec C')    distributions over the H*W pixels (temperature 1)
+        tau = q * max P_n,  q = 0.3 if TV(N) < 0.1 else 0.2   (`divide_and_bind_total_variation`; no gradient
+                                                               through the choice of q)
+        p_n = relu(P_n - tau) + 1e-5,  p_a = relu(P_a - tau) + 1e-5    (not renormalised; one cut, the noun's, for
+                                                                        both, as the code)
+        JSD(p, p') = 1/2 sum_i p_i log(p_i / m_i) + 1/2 sum_i p'_i log(p'_i / m_i),  m = (p + p') / 2
+    JSD >= 0, 0 iff p_n = p_a. c(progress): `divide_and_bind_binding_weight` (1, then 5 from a fifth of the steps,
+    10 from two fifths); 1 when the caller passes no progress.
+
+    The paper gives the term as a JSD between the attribute's and the object's normalised maps; its code
+    (boschresearch/Divide-and-Bind, divide_and_bind/pipeline_divide_and_bind_latest.py,
+    `_compute_loss_geiven_attn_map` with loss_mode 'tv_bind'; read, not copied: this is written from the steps
+    above) settles the rest: both maps smoothed, the peak matching, the softmax over pixels, the cut at q max P_n
+    with q chosen by TV, the 1e-5 floor, the unnormalised JSD and the coefficient schedule.
+    Where this differs from that code:
+    - its attribute map comes from the 64x64 and 32x32 cross-attention layers, nearest-downsampled to 16x16 and
+      averaged (`aggregate_attention_intermediate`); here both maps come from the captured layers.
+    - it adds c * JSD_n to noun n's attendance term inside the max over nouns, L = max_n [-TV_n + c JSD_n] (one
+      attribute per noun). Here binding is a loss of its own, added to `attendance_loss` by the weights, and the
+      pairs are summed, each with the code's c. The two agree for a single noun with its attribute.
     """
     owners = _attribute_owners(maps, attribute_maps, attribute_owner)
     if not owners:
         return maps.new_zeros(maps.shape[0])
-    attributes = spatial_distribution(smooth(attribute_maps, sigma=smoothing_sigma))
-    nouns = spatial_distribution(smooth(maps, sigma=smoothing_sigma))[:, owners]
-    return jensen_shannon_divergence(attributes, nouns).mean(dim=1)
+    nouns = smooth(maps, sigma=smoothing_sigma)[:, owners]  # [B, P, H, W], pair p's noun
+    attributes = smooth(attribute_maps, sigma=smoothing_sigma)  # [B, P, H, W]
+    peak = nouns.amax(dim=(-2, -1), keepdim=True)
+    attributes = attributes / attributes.amax(dim=(-2, -1), keepdim=True).clamp(min=_EPS) * peak
+    noun_dist, attribute_dist = nouns.flatten(2).softmax(dim=-1), attributes.flatten(2).softmax(dim=-1)
+    quantile = torch.where(divide_and_bind_total_variation(nouns.detach()) < 0.1, 0.3, 0.2)[..., None]
+    cut = quantile * noun_dist.amax(dim=-1, keepdim=True)
+    noun_dist = F.relu(noun_dist - cut) + _DB_FLOOR
+    attribute_dist = F.relu(attribute_dist - cut) + _DB_FLOOR
+    # JSD = 1/2 sum [p log(2p / s) + p' log(2p' / s)] = 1/4 sum s [2 d atanh(d) + log(1 - d^2)], s = p + p',
+    # d = (p - p') / s: the same sum without the first-order terms that cancel between p and p' (computed as
+    # p log p - p log m, near-equal maps lose the result to float32 rounding of the logs); |d| < 1 by the floor
+    total = noun_dist + attribute_dist
+    relative = (noun_dist - attribute_dist) / total
+    divergence = 0.25 * (total * (2 * relative * torch.atanh(relative)
+                                  + torch.log1p(-relative ** 2))).sum(dim=-1)
+    return divide_and_bind_binding_weight(progress) * divergence.sum(dim=1)
+
+
+def _one_token_per_word(maps: torch.Tensor, attribute_maps: torch.Tensor,
+                        other_maps: torch.Tensor | None) -> TokenPieceMaps:
+    """The given maps as SynGen's raw token maps, one token per noun, attribute and other token."""
+    others = other_maps if other_maps is not None else maps[:, :0]
+    count, attributes = maps.shape[1], attribute_maps.shape[1]
+    return TokenPieceMaps(torch.cat([maps, attribute_maps, others], dim=1), tuple((s,) for s in range(count)),
+                          tuple((count + a,) for a in range(attributes)),
+                          tuple(range(count + attributes, count + attributes + others.shape[1])))
 
 
 def syngen_loss(maps: torch.Tensor, attribute_maps: torch.Tensor, attribute_owner,
-                other_maps: torch.Tensor | None = None, **_) -> torch.Tensor:
-    """SynGen (Rassin et al., NeurIPS 2023): L = L_pos + L_neg, over the groups S_i (a noun n_i and its modifiers).
+                other_maps: torch.Tensor | None = None, token_piece_maps: TokenPieceMaps | None = None,
+                **_) -> torch.Tensor:
+    """SynGen (Rassin et al., NeurIPS 2023): L = L_pos + L_neg over the groups S_i, a noun n_i with its modifiers M_i.
 
-        L_pos = sum_i sum_{(m, n_i) in P(S_i)} dist(A_m, A_n_i)
-        L_neg = - sum_i 1/|U(S_i)| sum_{(m, n_i) in P(S_i)} sum_{u in U(S_i)} 1/2 [dist(A_m, A_u) + dist(A_n_i, A_u)]
+        L_pos = sum_i sum_{m in M_i} dist(m, n_i)
+        L_neg = - sum_i sum_{m in M_i} 1/|U_i| sum_{u in U_i} 1/2 [dist(m, u) + dist(n_i, u)]
+        dist(X, Y) = 1/2 [KL(P_X || P_Y) + KL(P_Y || P_X)]   (`symmetric_kl`)
 
-    dist = `symmetric_kl`; every map normalised to a distribution over pixels (`spatial_distribution`),
-    unsmoothed. P(S_i): the modifier-noun pairs of group i (a noun without modifiers has none and adds
-    nothing). U(S_i): every token outside the group: the other nouns, their modifiers, and other_maps.
-    L_pos is 0 when each modifier's map equals its noun's; L_neg rewards both maps of a pair for
-    staying off the unrelated tokens' maps, so L is negative there, not 0 (bounded below only through
-    the log floor). With U(S_i) empty (one noun, no other tokens) L_neg is 0.
-    Fixed here: a pair is a modifier with its noun (two modifiers of one noun are no pair); the
-    modifiers of the same noun belong to the group, not to U (pushing them apart would fight the
-    binding); the sums over groups and pairs are plain sums and L_pos, L_neg weigh 1 each, as written.
+    P_t: token t's raw cross-attention map (the model's own softmax over the text's keys, averaged over the heads of
+    the captured layers: for SD1.x at 512 px the 16x16 layers, as SynGen's code), not smoothed and not re-weighted by
+    A&E's softmax, divided by its sum: a distribution over pixels. A word of several tokens (CLIP BPE pieces, T5
+    pieces; on SD3 its CLIP tokens and its T5 pieces) is as far from another word as its farthest pair of tokens:
+    dist(x, y) = max over tokens s of x and t of y of dist(P_s, P_t). U_i: every content token of the prompt outside
+    group i, one by one (articles, punctuation, the other nouns and their modifiers; not the end token, not
+    padding). A noun without modifiers forms no group and adds no term; it is in the other groups' U. With U_i
+    empty L_neg is 0 for that group. L_pos is 0 when every modifier's map equals its noun's, and L is negative when
+    the groups also keep off the other tokens.
+
+    The paper leaves open what its code (RoyiRa/Linguistic-Binding-in-Diffusion-Models, compute_loss.py and
+    syngen_diffusion_pipeline.py; read, not copied: written from the equations above) settles: the maps are the raw
+    attention (the code multiplies them by 100 and takes no softmax over tokens; torch's Categorical then normalises
+    each over the pixels), dist is the mean of the two KLs, a multi-piece word takes the max over its pieces, U is
+    every token between the start and end tokens outside the group, each pair's two negative halves are averaged,
+    and a noun without modifiers is no group (its `include_entities` option, off by default, would add one).
+    Logs are floored at 1e-12 (Categorical would give inf for a pixel of zero attention; softmax has none).
+
+    token_piece_maps: the raw token maps (`binding_context` builds them; `TokenPieceMaps`). Without it, maps,
+    attribute_maps and other_maps are taken as the raw maps of one-token words (maps made by hand).
     """
     owners = _attribute_owners(maps, attribute_maps, attribute_owner)
-    nouns = spatial_distribution(maps)
-    modifiers = spatial_distribution(attribute_maps)
-    others = spatial_distribution(other_maps) if other_maps is not None else nouns[:, :0]
+    tokens = token_piece_maps if token_piece_maps is not None else _one_token_per_word(maps, attribute_maps,
+                                                                                        other_maps)
+    distributions = spatial_distribution(tokens.maps)  # [B, K, H*W]
     total = maps.new_zeros(maps.shape[0])
-    for noun in range(maps.shape[1]):
+    for noun, noun_rows in enumerate(tokens.nouns):
         group = [a for a, s in enumerate(owners) if s == noun]
         if not group:
             continue
-        pair_modifiers, pair_noun = modifiers[:, group], nouns[:, noun:noun + 1]  # [B, M, N], [B, 1, N]
-        total = total + symmetric_kl(pair_modifiers, pair_noun).sum(dim=1)
-        unrelated = torch.cat([nouns[:, [s for s in range(maps.shape[1]) if s != noun]],
-                               modifiers[:, [a for a, s in enumerate(owners) if s != noun]], others], dim=1)
-        if unrelated.shape[1]:
-            to_modifier = symmetric_kl(pair_modifiers[:, :, None], unrelated[:, None])  # [B, M, U]
-            to_noun = symmetric_kl(pair_noun[:, :, None], unrelated[:, None])  # [B, 1, U], the same for every pair
-            total = total - (0.5 * (to_modifier + to_noun)).sum(dim=(1, 2)) / unrelated.shape[1]
+        inside = set(noun_rows).union(*(tokens.attributes[a] for a in group))
+        outside = [k for k in range(distributions.shape[1]) if k not in inside]
+        noun_tokens = distributions[:, list(noun_rows)]  # [B, Tn, H*W]
+        noun_push = None
+        if outside:
+            unrelated = distributions[:, outside][:, None]  # [B, 1, U, H*W]
+            noun_push = symmetric_kl(noun_tokens[:, :, None], unrelated).amax(dim=1).mean(dim=1)  # [B]
+        for a in group:
+            modifier_tokens = distributions[:, list(tokens.attributes[a])]  # [B, Tm, H*W]
+            pull = symmetric_kl(modifier_tokens[:, :, None], noun_tokens[:, None]).flatten(1).amax(dim=1)
+            total = total + pull
+            if noun_push is not None:
+                modifier_push = symmetric_kl(modifier_tokens[:, :, None], unrelated).amax(dim=1).mean(dim=1)
+                total = total - 0.5 * (modifier_push + noun_push)
     return total
 
 

@@ -137,6 +137,7 @@ class GuidanceRun:
         self.thresholds = config.refinement_thresholds(total_steps) if config.loss_weights.get("attend_and_excite") else {}
         self.previous_masks: torch.Tensor | None = None
         self.previous_token_maps: tuple | None = None  # CONFORM: the last guided step's noun and attribute maps
+        self.progress = 0.0  # the guided step as a fraction of the schedule (step / steps)
         self._last_token_maps: tuple | None = None
         self._warned_nonfinite = False
         # attribute, noun and other-token maps only when a weighted loss reads them
@@ -193,6 +194,7 @@ class GuidanceRun:
                                     self.config.exclude_padding) if self.binds else {}
         if self.binds:
             context["previous_token_maps"] = self.previous_token_maps
+            context["progress"] = self.progress  # Divide & Bind's binding coefficient rises with it
             self._last_token_maps = (maps.detach(), context["attribute_maps"].detach())
         total, terms = L.combined_loss(maps, self.config.loss_weights, self.previous_masks, self.config.smoothing_sigma,
                                        **context)
@@ -219,6 +221,7 @@ class GuidanceRun:
         """The latent change before step `step` (Attend-and-Excite's per-step loop, batched per image)."""
         comfy.model_management.throw_exception_if_processing_interrupted()
         self.denoise_mask = denoise_mask
+        self.progress = step / max(self.total_steps, 1)
         config = self.config
         step_size = float(self.step_sizes[step])
         # per_call_weights spans forwards and backwards: cast layers make their weight again in the backward

@@ -137,6 +137,18 @@ def test_subject_groups_report_the_noun_and_each_attribute():
     assert "attribute 'green' is not in the prompt" in answer["subjects"][3]["error"]
 
 
+def test_a_word_at_a_named_occurrence_is_reported_by_its_word():
+    """'red@7 bench': the second 'red' of the prompt, reported as the attribute 'red' at 7 (its chip's pick is 7)."""
+    text = "a red car next to a red bench"
+    answer = routes.tokenize_response(text, "red@7 bench, red@2 bench, car@3, red@4 bench")
+    by_position = {t["position"]: t for t in content_tokens(answer)}
+    assert (by_position[2]["pick"], by_position[7]["pick"], by_position[7]["word"]) == ("red", "7", "red")
+    assert [(s["noun"]["word"], s["positions"], s["attributes"]) for s in answer["subjects"][:3]] == [
+        ("bench", [8], [{"word": "red", "positions": [7]}]), ("bench", [8], [{"word": "red", "positions": [2]}]),
+        ("car", [3], [])]
+    assert "position 4 holds 'next'" in answer["subjects"][3]["error"]
+
+
 # --- the DiT families: the tokens of the encoder the model attends -----------------------------------------
 
 FLUX = {"node": "DualCLIPLoader", "widgets": {"type": "flux", "clip_name1": "clip_l.safetensors",
@@ -721,6 +733,60 @@ def test_attributes_are_attached_to_nouns_by_clicking(comfy_server, browser, sho
         saved = tab.page.evaluate("() => window.app.graph.serialize()")
         assert next(n for n in saved["nodes"] if n["id"] == 2)["widgets_values"] == [GROUP_PROMPT, "red car, blue bench"]
         queue_and_wait(tab, comfy_server, "red car, blue bench")
+        assert tab.errors == []
+    finally:
+        tab.context.close()
+
+
+REPEATED_PROMPT = "a red car next to a red bench"  # a 1, red 2, car 3, next 4, to 5, a 6, red 7, bench 8
+
+
+@pytest.mark.parametrize("renderer", ["classic", "vue"])
+def test_a_repeated_word_is_attached_where_it_was_clicked(comfy_server, browser, shots, renderer):
+    """Attaching one 'red' of two writes an entry that the node resolves to the clicked one: the plain words where
+    they do ('red bench': the phrase as written), else the word with its position ('red@2 bench', 'red@7 car')."""
+    _http(f"{comfy_server}/settings/Comfy.VueNodes.Enabled", renderer == "vue")
+    tab = Page(browser, comfy_server, renderer, shots)
+    try:
+        tab.open()
+        workflow = json.loads((BROWSER_DIR / "workflow_api.json").read_text())
+        workflow["2"]["inputs"]["text"] = REPEATED_PROMPT
+        tab.page.evaluate("async (workflow) => { await window.app.loadApiJson(workflow, 'attn_guide_repeated.json') }",
+                          workflow)
+
+        def roles():
+            return tab.picker.locator("button[data-role]").evaluate_all(
+                "buttons => buttons.map(b => [Number(b.dataset.position), b.dataset.role, Number(b.dataset.subject)])")
+
+        def chip(position):
+            return tab.picker.locator(f'button[data-position="{position}"]')
+
+        tab.token("bench").wait_for(timeout=10000)
+        assert chip(7).get_attribute("data-pick") == "7"  # the second 'red': the word alone names the first
+        tab.token("bench").click()
+        wait_for_picker(tab, 2, "bench")
+        # the second 'red', right before 'bench': the phrase as written finds it, so the plain words are written
+        before = len(tab.tokenize_requests)
+        chip(7).click(modifiers=["Shift"])
+        wait_for_picker(tab, 2, "red bench")
+        assert roles() == [[7, "attribute", 0], [8, "noun", 0]]
+        assert {"text": REPEATED_PROMPT, "subjects": "red bench\nred@7 bench", "clip": TINY_SD15} in \
+            tab.tokenize_requests[before:]  # the picker asked how both forms resolve
+        # the first 'red' with 'bench': the plain words would find the second, so the entry names its position
+        chip(7).click()
+        wait_for_picker(tab, 2, "bench")
+        chip(2).click(modifiers=["Shift"])
+        wait_for_picker(tab, 2, "red@2 bench")
+        assert roles() == [[2, "attribute", 0], [8, "noun", 0]]
+        assert "subjects: red@2 bench (bench 8 · red 2)" in tab.picker.locator(".agtp-status").inner_text()
+        # and the second 'red' with 'car' (now the target): 'red car' is the phrase at 2, so 'red@7 car'
+        tab.token("car").click()
+        wait_for_picker(tab, 2, "red@2 bench, car")
+        chip(7).click(modifiers=["Shift"])
+        wait_for_picker(tab, 2, "red@2 bench, red@7 car")
+        assert roles() == [[2, "attribute", 0], [3, "noun", 1], [7, "attribute", 1], [8, "noun", 0]]
+        check_layout(tab, 2, f"{renderer} repeated", "repeated")
+        queue_and_wait(tab, comfy_server, "red@2 bench, red@7 car")  # the node resolves what the picker wrote
         assert tab.errors == []
     finally:
         tab.context.close()

@@ -87,6 +87,10 @@ def test_binding_loss_after_update_is_lower(sd15, loss_after_update, weights):
     # are almost the current ones: its update is then ~1e-7 of the loss at A&E's step size, below fp32's
     # resolution; ten times the step size makes it measurable
     scale = 200.0 if "conform" in weights else 20.0
+    if "divide_and_bind_binding" in weights:
+        # the faithful term is ~2e-6 on random weights (two near-uniform pixel softmaxes): weighted up, its change
+        # is above fp32's noise
+        weights = {"divide_and_bind_binding": 1000.0}
     config = GuidanceConfig(loss_weights=weights, guidance_end=1.0, refinement=(), scale_factor=scale)
     latent, record = _run(model, clip, config, steps=3, text="a red cat and a blue frog",
                           subject_spec="red cat, blue frog")

@@ -119,3 +119,94 @@ def test_non_ascii_words_are_listed_readably(tokenizers):
     with pytest.raises(SubjectError) as error:
         resolve(tokenizers["sd15"], "a café and a frog", "dog")
     assert "'café'" in str(error.value)
+
+
+# --- a word at a named occurrence: 'word@N' -----------------------------------------------------------
+
+REPEATED = "a red car next to a red bench"  # a 1, red 2, car 3, next 4, to 5, a 6, red 7, bench 8
+
+
+def _groups(resolved):
+    return [(s.label, s.token_positions, [(a.label, a.token_positions) for a in s.attributes])
+            for s in resolved.subjects]
+
+
+def test_a_word_at_a_position_names_that_occurrence(tokenizers):
+    """'red@7 bench': the second 'red' of the prompt, which the word alone cannot name (its first occurrence is 2)."""
+    tok = tokenizers["sd15"]
+    assert _groups(resolve(tok, REPEATED, "red@7 bench, red@2 car")) == [
+        ("red@7 bench", (8,), [("red", (7,))]), ("red@2 car", (3,), [("red", (2,))])]
+    # an entry with a named occurrence is found word by word: the phrase 'red bench' would take 7, 'red@2' keeps 2
+    assert _groups(resolve(tok, REPEATED, "red@2 bench")) == [("red@2 bench", (8,), [("red", (2,))])]
+    assert _groups(resolve(tok, REPEATED, "red bench")) == [("red bench", (8,), [("red", (7,))])]  # as before
+    # the noun, or a subject alone, at its occurrence
+    assert _groups(resolve(tok, "a car and a car painted red", "red car@5, car@5")) == [
+        ("red car@5", (5,), [("red", (7,))]), ("car@5", (5,), [])]
+    assert resolve(tok, "a car and a car painted red", "red car").subjects[0].token_positions == (2,)
+    # old entries resolve as they did: words, groups, indices
+    assert _groups(resolve(tok, REPEATED, "red car, 7, bench")) == [
+        ("red car", (3,), [("red", (2,))]), ("red", (7,), []), ("bench", (8,), [])]  # an index: its token's text
+
+
+def test_a_named_occurrence_covers_all_of_a_words_pieces(tokenizers):
+    tok = tokenizers["sd15"]
+    pieces = len(tok.clip_l.tokenizer("tiramisu")["input_ids"][1:-1])
+    assert pieces > 1
+    text = "a tiramisu and a small tiramisu"
+    second = 5 + pieces  # a, tiramisu's pieces, and, a, small
+    assert resolve(tok, text, "small tiramisu").subjects[0].token_positions == tuple(range(second, second + pieces))
+    assert resolve(tok, text, f"tiramisu@{second}").subjects[0].token_positions == tuple(range(second, second + pieces))
+    assert resolve(tok, text, "tiramisu").subjects[0].token_positions == tuple(range(2, 2 + pieces))
+    assert [a.token_positions for a in resolve(tok, text, f"small tiramisu@{second}").subjects[0].attributes] == \
+        [(second - 1,)]
+    with pytest.raises(SubjectError, match=rf"tiramisu@{second + 1} .* position {second + 1} .*starts at 2, {second}"):
+        resolve(tok, text, f"tiramisu@{second + 1}")  # a position inside the word is not its start
+
+
+def test_occurrences_in_a_second_chunk(tokenizers):
+    tok = tokenizers["sd15"]
+    text = ", ".join(["a small stone"] * 20) + ", a red frog"
+    (frog,) = resolve(tok, text, "red frog").subjects
+    assert frog.chunk >= 1
+    red = frog.attributes[0].token_positions[0]
+    assert resolve(tok, text, f"red@{red} frog").subjects[0].attributes[0].token_positions == (red,)
+    stones = [positions[0] for positions in subjects_mod.occurrences(
+        subjects_mod.model_text(tok, text).parts[0], "stone")]
+    assert len(stones) == 20 and stones[0] == 3 and stones[-1] > 77
+    assert resolve(tok, text, f"small stone@{stones[-1]}").subjects[0].token_positions == (stones[-1],)
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("red@4 bench", ["red@4", "position 4 holds 'next'", "'red' starts at 2, 7"]),
+    ("red@40 bench", ["position 40 is not a word", "starts at 2, 7"]),
+    ("red@300 bench", ["points past the model's text", "77 positions"]),
+    ("green@2 car", ["'green' is not in the prompt", "'bench'"]),
+    ("red@7 boat", ["its noun 'boat' is not in the prompt"]),
+])
+def test_a_wrong_position_says_where_the_word_is(tokenizers, spec, expected):
+    with pytest.raises(SubjectError) as error:
+        resolve(tokenizers["sd15"], REPEATED, spec)
+    for text in expected:
+        assert text in str(error.value)
+
+
+def test_named_occurrences_on_sd3_and_flux():
+    """SD3: the position may be a CLIP token or a T5 piece; the other part's same occurrence comes with it."""
+    import comfy.text_encoders.flux
+    import comfy.text_encoders.sd3_clip
+    sd3 = comfy.text_encoders.sd3_clip.SD3Tokenizer()
+    phrase = resolve(sd3, REPEATED, "red bench").subjects[0]  # the second 'red' (CLIP 7 and its T5 piece)
+    (clip_red, t5_red) = phrase.attributes[0].token_positions
+    assert clip_red == 7 and t5_red >= 77
+    for anchor in (clip_red, t5_red):
+        got = resolve(sd3, REPEATED, f"red@{anchor} bench").subjects[0]
+        assert got.token_positions == phrase.token_positions
+        assert got.attributes[0].token_positions == (clip_red, t5_red)
+    first = resolve(sd3, REPEATED, "red car").subjects[0].attributes[0].token_positions
+    assert resolve(sd3, REPEATED, "red@2 bench").subjects[0].attributes[0].token_positions == first
+    flux = comfy.text_encoders.flux.FluxTokenizer()
+    t5 = resolve(flux, REPEATED, "red bench, red car").subjects
+    second, first = t5[0].attributes[0].token_positions, t5[1].attributes[0].token_positions
+    assert second != first
+    assert resolve(flux, REPEATED, f"red@{first[0]} bench").subjects[0].attributes[0].token_positions == first
+    assert resolve(flux, REPEATED, f"red@{second[0]} car").subjects[0].attributes[0].token_positions == second

@@ -37,8 +37,11 @@ words before it its attributes) reports its noun and each attribute, in the entr
     {"entry": "red car", "positions": [3], "noun": {"word": "car", "positions": [3]},
      "attributes": [{"word": "red", "positions": [2]}], "error": null}
 `positions` is the noun's (what the neglect losses read; SD3: its CLIP tokens and its T5 pieces); an entry that does
-not resolve has `positions` [], `noun` null, `attributes` [] and the node's message in `error`. A CLIP of a family
-the pack does not read answers {"error": ..., "chunks": [], "subjects": []} with status 200.
+not resolve has `positions` [], `noun` null, `attributes` [] and the node's message in `error`. A word that names its
+occurrence ("red@7 bench": the 'red' whose first token is at 7) is reported by its word ("red"). The picker, to
+attach an attribute, builds the entry with such a word where the plain words would resolve elsewhere: it asks this
+route how both forms resolve (the same request, `subjects` holding both) and keeps the plain one when they agree.
+A CLIP of a family the pack does not read answers {"error": ..., "chunks": [], "subjects": []} with status 200.
 """
 from __future__ import annotations
 
@@ -238,7 +241,8 @@ def _resolve_entry(tokenizer, text: str, entry: str, encoders) -> dict:
         subject = subjects.resolve_subjects(tokenizer, text, entry, encoders=encoders).subjects[0]
     except subjects.SubjectError as error:
         return {"entry": entry, "positions": [], "noun": None, "attributes": [], "error": str(error)}
-    noun = subject.label if re.fullmatch(r"\d+", entry) else entry.split()[-1]  # an index: its token's text
+    # an index: its token's text; 'car@8': the word without the position that names its occurrence
+    noun = subject.label if re.fullmatch(r"\d+", entry) else subjects.split_anchor(entry.split()[-1])[0]
     return {"entry": entry, "positions": list(subject.token_positions),
             "noun": {"word": noun, "positions": list(subject.token_positions)},
             "attributes": [{"word": a.label, "positions": list(a.token_positions)} for a in subject.attributes],

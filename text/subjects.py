@@ -330,10 +330,96 @@ def _index_subject(view: ModelText, entry: str, segments: tuple[TextSegment, ...
     return Subject(label, (position,), index)
 
 
-def _resolve_in_part(part: TextPart, entry: str, hint: str) -> list[tuple[int, ...]]:
-    """The positions (in the model's text) of each word of `entry` in one encoder's part: the phrase as written,
-    else each word at its own first occurrence (the last word is the noun)."""
-    words = entry.split()
+# An entry's word at a given occurrence: 'red@7' is the 'red' whose first token is at position 7 of the model's text
+ANCHORED_WORD = re.compile(r"(.+)@(\d+)")
+
+
+def split_anchor(word: str) -> tuple[str, int | None]:
+    """'red@7' -> ('red', 7): the word and the position its occurrence starts at; 'red' -> ('red', None)."""
+    match = ANCHORED_WORD.fullmatch(word)
+    return (match.group(1), int(match.group(2))) if match else (word, None)
+
+
+def _same_token(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
+    return int(a) == int(b)
+
+
+def occurrences(part: TextPart, word: str) -> list[tuple[int, ...]]:
+    """Every place `word` appears in one encoder's part, in order: the positions (in the model's text) of the tokens
+    that spell it there, whole words as `find` matches them (CLIP: its tokens, from a word's start, inside one
+    chunk; T5: its words, case-insensitively, the pieces that spell them). The first is `find`'s."""
+    out, base = [], part.start
+    if part.encoder == "clip":
+        from .clip_tokens import content_tokens
+        needle = content_tokens(part.text.tokenizer, word)
+        for segment in part.text.segments:
+            for _text, positions in segment.words:
+                first = positions[0]
+                if needle and first + len(needle) <= segment.end and all(
+                        _same_token(segment.tokens[first + k], token) for k, token in enumerate(needle)):
+                    out.append(tuple(base + first + k for k in range(len(needle))))
+            base += segment.length
+        return out
+    needle = part.text.phrase_words(word)
+    for segment in part.text.segments:
+        words = [(text.casefold(), positions) for text, positions in segment.words]
+        for start in range(len(words) - len(needle) + 1) if needle else ():
+            run = words[start:start + len(needle)]
+            if all(text == wanted for (text, _p), wanted in zip(run, needle)):
+                out.append(tuple(sorted({base + p for _text, positions in run for p in positions})))
+        base += segment.length
+    return out
+
+
+def _occurrence_at(view: ModelText, entry: str, word: str, position: int) -> int:
+    """Which occurrence of `word` (0: the first) starts at `position`, counted in the encoder part that holds it."""
+    part = next((p for p in view.parts if p.start <= position < p.start + p.length), None)
+    if part is None:
+        raise SubjectError(f"subject {entry!r}: {word}@{position} points past the model's text ({view.num_tokens} "
+                           f"positions: {view.describe()})")
+    found = occurrences(part, word)
+    starts = [positions[0] for positions in found]
+    if position in starts:
+        return starts.index(position)
+    where = "the prompt" if part.encoder == "clip" else "the T5 text"
+    if not starts:
+        raise SubjectError(f"subject {entry!r}: {word!r} is not in {where} (as whole tokens); {part.text.hint()}")
+    at = ", ".join(map(str, starts))
+    there = next((text for segment, encoded in view.encoded() if segment.start <= position < segment.start
+                  + segment.length for text, positions in encoded.words if position - segment.start in positions), None)
+    what = f"position {position} holds {there!r}" if there else f"position {position} is not a word"
+    raise SubjectError(f"subject {entry!r}: {word}@{position} names the {word!r} that starts at position {position}, "
+                       f"but {what}; {word!r} starts at {at} in {where} (the prompt changed? the token picker shows "
+                       "the positions)")
+
+
+def _resolve_in_part(part: TextPart, entry: str, hint: str,
+                     anchored: dict[int, int] | None = None) -> list[tuple[int, ...]]:
+    """The positions (in the model's text) of each word of `entry` in one encoder's part. Without anchors: the phrase
+    as written, else each word at its own first occurrence (the last word is the noun). With `anchored` (the entry's
+    word index -> which occurrence, for its 'word@position' words): each word on its own, an anchored word at that
+    occurrence, the others at their first."""
+    words = [split_anchor(word)[0] for word in entry.split()]
+    where = "the prompt" if part.encoder == "clip" else "the T5 text"
+    if anchored:
+        found = []
+        for index, word in enumerate(words):
+            if index in anchored:
+                places = occurrences(part, word)
+                if anchored[index] >= len(places):
+                    raise SubjectError(f"subject {entry!r}: {where} has {len(places)} occurrence(s) of {word!r}, "
+                                       f"not the {anchored[index] + 1}th its position names in the other encoder's "
+                                       f"part; {hint}")
+                found.append(places[anchored[index]])  # occurrences are in the model's text already
+                continue
+            positions = part.text.find(word)
+            if positions is None:
+                role = "noun" if index == len(words) - 1 else "attribute"
+                raise SubjectError(f"subject {entry!r}: its {role} {word!r} is not in {where}; {hint}")
+            found.append(tuple(part.start + p for p in positions[0]))
+        return found
     found = part.text.find(entry)
     if found is None:
         noun = part.text.find(words[-1])
@@ -349,7 +435,6 @@ def _resolve_in_part(part: TextPart, entry: str, hint: str) -> list[tuple[int, .
         for word in words[:-1]:
             positions = part.text.find(word)
             if positions is None:
-                where = "the prompt" if part.encoder == "clip" else "the T5 text"
                 raise SubjectError(f"subject {entry!r}: its attribute {word!r} is not in {where}; {hint}")
             found.append(positions[0])
         found.append(noun[0])
@@ -364,7 +449,11 @@ def resolve_subjects(tokenizer, text: str, spec: str, encoders=None, tokenizer_o
     CLIP-only models chunk * 77 + position (0 being a chunk's start token); Flux/Chroma the T5 piece; SD3 a CLIP
     position below 77 * chunks, a T5 piece from there on. An entry of several words is a subject group: its last
     word is the noun, the words before it its attributes ("red car"), found where the phrase appears as written,
-    else each at its own first occurrence. With SD3 a word's positions are its CLIP tokens and its T5 pieces.
+    else each at its own first occurrence. A word of an entry may name its occurrence: 'word@N' is the `word` whose
+    first token is at position N of the model's text (as the token picker shows it; "red@7 bench" for the second
+    'red' of "a red car next to a red bench"). An entry with such a word has its words found one by one: the
+    'word@N' ones there (SD3: N in the CLIP or the T5 part; the other part's same occurrence, counted in order), the
+    others at their first occurrence. With SD3 a word's positions are its CLIP tokens and its T5 pieces.
 
     tokenizer: a CLIP's tokenizer, or the CLIP itself (then its loaded encoders and tokenizer options are read
     from it). encoders, tokenizer_options: see `model_text`.
@@ -387,15 +476,18 @@ def resolve_subjects(tokenizer, text: str, spec: str, encoders=None, tokenizer_o
         if re.fullmatch(r"\d+", entry):
             subjects.append(_index_subject(view, entry, segments))
             continue
-        if not all(part.text.has_tokens(entry) for part in view.parts):
+        anchors = [split_anchor(word) for word in entry.split()]
+        words = [word for word, _position in anchors]
+        if not all(part.text.has_tokens(" ".join(words)) for part in view.parts):
             raise SubjectError(f"subject {entry!r} has no tokens")
+        anchored = {index: _occurrence_at(view, entry, word, position)
+                    for index, (word, position) in enumerate(anchors) if position is not None}
         per_word = None
         for part in view.parts:
             if part.encoder not in hints:
                 hints[part.encoder] = part.text.hint()
-            found = _resolve_in_part(part, entry, hints[part.encoder])
+            found = _resolve_in_part(part, entry, hints[part.encoder], anchored)
             per_word = found if per_word is None else [a + b for a, b in zip(per_word, found)]
-        words = entry.split()
         chunk_of = _segment_index(segments)
         attributes = tuple(Subject(word, positions, chunk_of(positions[0]))
                            for word, positions in zip(words[:-1], per_word[:-1]))

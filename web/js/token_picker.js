@@ -8,7 +8,9 @@
 // the word to a noun as its attribute, so that "red" attached to "car" writes the entry "red car". The
 // choice lives in `subjects`, so it is saved in the workflow and survives a reload; the picker itself
 // saves nothing. Built with addDOMWidget, so the classic canvas and the Vue node renderer ("Nodes 2.0")
-// both show it.
+// both show it. An attribute or noun that the node would find elsewhere by its word alone (a word that occurs
+// twice: "a red car next to a red bench") is written with the position of its first token, "red@7 bench",
+// which the node resolves to that occurrence; the plain words are kept where they resolve to the clicked tokens.
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
@@ -30,6 +32,7 @@ const SPECIAL_TITLES = { space: "a bare T5 '\u2581' piece: it marks the space be
 const SOURCE_WIDGETS = /^(type|ckpt_name|clip_name\d*)$/;
 const MAX_HOPS = 32;
 const INDEX = /^\d+$/;
+const ANCHORED = /^(.+)@(\d+)$/;  // 'red@7': the 'red' whose first token is at position 7 (subjects.split_anchor)
 
 // Same split as subjects.parse_subject_spec: commas, semicolons and newlines; empty entries dropped.
 export function parseSubjects(spec) {
@@ -113,36 +116,91 @@ export function toggleSubject(spec, resolved, position, pick) {
   return next.filter((e) => e !== null).join(", ");
 }
 
-// The new `subjects` value ({spec}) after attaching the word `pick` (at `position`) to the noun of entry
-// `index`: the entry's words in the prompt's order, the noun last ("car" + "red" -> "red car"). A word
-// that is this noun's attribute already is taken off it; one that is another noun's moves here. {error}
-// where an entry cannot say it: the noun given by index, a word picked by index (a repeated word, whose
-// first occurrence is elsewhere), or a word that is a subject's noun.
-export function attachAttribute(spec, resolved, index, position, pick) {
+// An entry's word as written: "red@7" -> {word: "red", at: 7}, the occurrence whose first token is at 7;
+// "red" -> {word: "red", at: null}, the word where the node finds it by itself.
+export function splitAnchor(text) {
+  const match = ANCHORED.exec(text);
+  return match ? { word: match[1], at: Number(match[2]) } : { word: text, at: null };
+}
+
+// The prompt's words by the position of their first token: {word, positions, pick} (the route's word tokens).
+export function promptWords(chunks) {
+  const words = new Map();
+  for (const chunk of chunks ?? []) {
+    for (const token of chunk.tokens) {
+      if (token.special || !token.word_positions || words.has(token.word_positions[0])) continue;
+      words.set(token.word_positions[0], { word: token.word, positions: token.word_positions, pick: token.pick });
+    }
+  }
+  return words;
+}
+
+// How an entry names the word whose first token is at `first`: the word itself where the node finds the word
+// alone at these tokens (its pick is the word: its first occurrence), else "word@first".
+function nameWord(word, first, words) {
+  return words.get(first)?.pick?.toLowerCase() === word.toLowerCase() ? word : `${word}@${first}`;
+}
+
+// The new `subjects` value after attaching the clicked word `token` ({position, first, word, pick}: the chip's
+// position, its word's first token position, the word and the chip's pick) to the noun of entry `index`: the
+// entry's words in the prompt's order, the noun last ("car" + "red" -> "red car"). A word that is this noun's
+// attribute already is taken off it; one that is another noun's moves here. Returns {spec}, the entry written so
+// that it resolves to the clicked tokens ("red@7 bench" where "red" alone names an earlier 'red'), and, where
+// the plain words ("red bench") may resolve there too, {plain, check}: the spec with the plain entry, and the
+// two entries [plain, explicit] to resolve, so that the caller keeps the plain one when both resolve alike.
+// {error} where no entry can say it: the word is a subject's noun, an embedding or a separator, or the noun is
+// an index inside a word.
+export function attachAttribute(spec, answer, index, token) {
+  const resolved = answer.subjects;
   let entries = parseSubjects(spec);
   const target = resolved[index];
   if (!target || target.error || index >= entries.length) return { error: "that subject is gone" };
-  const noun = target.noun?.word ?? target.entry;
-  if (INDEX.test(entries[index])) {
-    return { error: `"${noun}" is given by its index (${entries[index]}): an attribute needs the noun as a word` };
-  }
-  if (INDEX.test(pick)) {
-    return { error: `this word is named by its index (${pick}), as it occurs earlier in the prompt: an attribute ` +
-      `must be the word's first occurrence` };
-  }
+  const { position, first, word, pick } = token;
   const covering = coverage(resolved, position);
   if (covering.some((c) => c.role === "noun")) {
-    return { error: `"${pick}" is a subject of its own: click it to remove it first` };
+    return { error: `"${word ?? pick}" is a subject of its own: click it to remove it first` };
   }
   if (covering.some((c) => c.index === index)) return { spec: toggleSubject(spec, resolved, position, pick) };
+  const writable = (text) => Boolean(text) && text !== "<embedding>" && !/[,;\s]/.test(text);
+  if (!writable(word)) {
+    return { error: `"${word ?? pick}" cannot be written as a word of an entry (an embedding or a separator)` };
+  }
+  const words = promptWords(answer.chunks);
+  let noun;
+  if (INDEX.test(entries[index])) {  // a noun clicked by its index (a repeated word): name it by its word
+    const at = Number(entries[index]);
+    const found = words.get(at);
+    if (!found || !writable(found.word)) {
+      return { error: `"${target.noun?.word ?? entries[index]}" is given by its index (${entries[index]}), which ` +
+        `is not a word's first token: an attribute needs the noun as a word` };
+    }
+    noun = { word: found.word, at };
+  } else {
+    noun = { word: splitAnchor(entries[index].split(/\s+/).pop()).word, at: target.noun.positions[0] };
+  }
   if (covering.length) entries = parseSubjects(toggleSubject(spec, resolved, position, pick));  // off the other noun
-  const words = entries[index].split(/\s+/);
-  const attributes = words.slice(0, -1).map((word, i) => ({ word, at: target.attributes?.[i]?.positions[0] ?? -1 }));
-  attributes.push({ word: pick, at: position });
+  const attributes = entries[index].split(/\s+/).slice(0, -1).map((text, i) =>
+    ({ word: splitAnchor(text).word, at: target.attributes?.[i]?.positions[0] ?? -1 }));
+  attributes.push({ word, at: first, clicked: true });
   attributes.sort((a, b) => a.at - b.at);
-  const next = [...entries];
-  next[index] = [...attributes.map((a) => a.word), words[words.length - 1]].join(" ");
-  return { spec: next.join(", ") };
+  const ordered = [...attributes, noun];
+  const names = ordered.map((w) => nameWord(w.word, w.at, words));
+  if (!names.some((name) => ANCHORED.test(name))) {
+    // every word at its first occurrence: one anchor makes the node find the words one by one, not as a phrase
+    // that may stand elsewhere in the prompt
+    const clicked = ordered.findIndex((w) => w.clicked);
+    names[clicked] = `${ordered[clicked].word}@${ordered[clicked].at}`;
+  }
+  const explicit = names.join(" ");
+  const plain = ordered.map((w) => w.word).join(" ");
+  const write = (entry) => entries.map((e, i) => (i === index ? entry : e)).join(", ");
+  return { spec: write(explicit), plain: write(plain), check: [plain, explicit] };
+}
+
+// True if two resolved entries cover the same tokens: the noun's and each attribute's, in order.
+export function sameTokens(a, b) {
+  const tokens = (s) => JSON.stringify([s?.noun?.positions, (s?.attributes ?? []).map((x) => x.positions)]);
+  return Boolean(a && b && !a.error && !b.error) && tokens(a) === tokens(b);
 }
 
 function injectStyle() {
@@ -282,6 +340,18 @@ class TokenPicker {
     this.request += 1;
   }
 
+  // The route's answer for {text, subjects, clip}; throws with the route's message.
+  async ask(values) {
+    const response = await api.fetchApi(ROUTE, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(values),
+    });
+    const answer = await response.json();
+    if (!response.ok) throw new Error(answer?.error ?? `${response.status} ${response.statusText}`);
+    return answer;
+  }
+
   async refresh() {
     const values = this.values();
     const id = ++this.request;  // also voids an answer still on its way for values since changed back
@@ -289,13 +359,7 @@ class TokenPicker {
         JSON.stringify(this.shown.clip) === JSON.stringify(values.clip)) return;
     let answer;
     try {
-      const response = await api.fetchApi(ROUTE, {
-        method: "POST",
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify(values),
-      });
-      answer = await response.json();
-      if (!response.ok) throw new Error(answer?.error ?? `${response.status} ${response.statusText}`);
+      answer = await this.ask(values);
     } catch (error) {
       if (id === this.request) this.renderError(`Could not tokenize: ${error.message ?? error}`);
       return;
@@ -344,18 +408,36 @@ class TokenPicker {
     this.armed = false;
     this.notice = null;
     if (attach) {
-      const result = attachAttribute(subjects.value, this.answer.subjects, target, position, pick);
+      const token = { position, first: Number(button.dataset.word), word: button.dataset.wordText, pick };
+      const result = attachAttribute(subjects.value, this.answer, target, token);
       if (result.error) {
         this.notice = `Cannot attach: ${result.error}.`;
         this.render();
         return;
       }
-      this.setSubjects(result.spec);
+      this.attach(result);
       return;
     }
     const next = toggleSubject(subjects.value, this.answer.subjects, position, pick);
     if (coverage(this.answer.subjects, position).length === 0) this.target = Number(button.dataset.word);
     this.setSubjects(next);
+  }
+
+  // Writes an attach's entry: the plain words where the route resolves them to the same tokens as the entry
+  // that names each word's occurrence, else that entry. Dropped if `subjects` changed meanwhile.
+  async attach(result) {
+    const before = this.values();
+    let spec = result.spec;
+    if (result.check) {
+      try {
+        const [plain, explicit] = (await this.ask({ ...before, subjects: result.check.join("\n") })).subjects;
+        if (sameTokens(plain, explicit)) spec = result.plain;
+      } catch (error) {
+        // the explicit entry is right in any case
+      }
+    }
+    if (this.values().subjects !== before.subjects) return;
+    this.setSubjects(spec);
   }
 
   onChange(event) {
@@ -539,6 +621,7 @@ class TokenPicker {
     button.dataset.position = token.position;
     button.dataset.pick = token.pick;
     button.dataset.word = token.word_positions[0];
+    button.dataset.wordText = token.word;
     const sub = element("sub", "", String(token.position));
     button.append(document.createTextNode(token.text), sub);
     const pieces = token.word_positions.length > 1 ? ` (word "${token.word}", tokens ${token.word_positions.join(" ")})` : "";
