@@ -590,3 +590,14 @@ def test_a_server_killed_mid_run_loses_no_job(servers, tmp_path):
     for (job_id,) in lost:  # each job the dead server held was done once, by the other one
         assert rows(store, "SELECT backend FROM runs WHERE job_id = ? AND outcome = 'done'", (job_id,)) == [
             (servers["b"].url[7:],)]
+
+
+def test_the_store_is_never_a_folder_of_custom_nodes(tmp_path):
+    """ComfyUI imports every folder of custom_nodes/ as a node pack: the store goes to ComfyUI's output folder by
+    default, and an --out directly in custom_nodes/ is refused."""
+    bench_module = pack_module("runner.bench")
+    assert bench_module.store_folder(None) == (HOST / "output" / "attn_guide_bench").resolve()
+    assert bench_module.store_folder(str(tmp_path / "mine")) == (tmp_path / "mine").resolve()
+    (tmp_path / "custom_nodes").mkdir()
+    with pytest.raises(pack_module("runner.bench.run").BenchError, match="custom_nodes"):
+        bench_module.store_folder(str(tmp_path / "custom_nodes" / "attn_guide_bench"))
