@@ -436,26 +436,12 @@ def _dit_loaded(family, storage=torch.float32, manual_cast=None, seed=5):
 
 def _gradient_and_saved(model, clip, family):
     """dL/dx at the first guided update, and the bytes autograd kept for that pass's backward (weights excluded)."""
-    weights = {p.untyped_storage().data_ptr() for p in model.model.diffusion_model.parameters()}
-    seen = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in weights:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    original_loss = sampler_mod.GuidanceRun.loss
-
-    def loss(self, x, sigma):
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            return original_loss(self, x, sigma)
-    sampler_mod.GuidanceRun.loss = loss
-    try:
-        gradient, _sampler = _guided_inspect(model, clip, family, GuidanceConfig(refinement=(), guidance_end=0.25),
-                                             lambda run, x, total, sigma: torch.autograd.grad(
-                                                 total.sum(), [x], retain_graph=True)[0])
-    finally:
-        sampler_mod.GuidanceRun.loss = original_loss
-    return gradient, sum(seen.values())
+    from test_guided_pass import saved_bytes_of
+    config = GuidanceConfig(refinement=(), guidance_end=0.25)
+    (gradient, _sampler), saved = saved_bytes_of(model, lambda: _guided_inspect(
+        model, clip, family, config, lambda run, x, total, sigma: torch.autograd.grad(total.sum(), [x],
+                                                                                     retain_graph=True)[0]))
+    return gradient, saved
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])

@@ -119,6 +119,11 @@ def test_feedforward_recompute_gives_the_same_gradient(families, monkeypatch):
 
 def _saved_bytes(model, clip, config):
     """Bytes autograd keeps for the backward of one guided pass (tensors of the model's weights excluded)."""
+    return saved_bytes_of(model, lambda: _first_step(model, clip, config))[1]
+
+
+def saved_bytes_of(model, run):
+    """(run()'s result, the bytes autograd kept for the backward of the guided passes it made; weights excluded)."""
     weights = {p.untyped_storage().data_ptr() for p in model.model.diffusion_model.parameters()}
     seen = {}
 
@@ -136,10 +141,10 @@ def _saved_bytes(model, clip, config):
 
     sampler_mod.GuidanceRun.loss = loss
     try:
-        _first_step(model, clip, config)
+        result = run()
     finally:
         sampler_mod.GuidanceRun.loss = original_loss
-    return sum(seen.values())
+    return result, sum(seen.values())
 
 
 def test_truncation_and_recompute_keep_less_for_the_backward(families):
