@@ -1,0 +1,357 @@
+"""What each guidance method does to what the model draws, on the world model (issue 16).
+
+The world model (`world/`, trained by `world/train.py`) draws flat coloured shapes, and the detector
+(`world/detector.py`, no learned part) reads back which (colour, shape) objects a picture holds, so that "did
+the model draw every subject of the prompt, in its own colour" is counted exactly. Prompts: every two-object
+prompt of the world with distinct colours and shapes ("a red circle and a blue square"; subjects as subject
+groups "red circle, blue square": nouns circle, square with their colours as attributes), by split:
+
+  seen            both colour-shape pairs and their combination occur in training
+  held_out_combo  two seen pairs that never occur together in a training scene
+  held_out_pair   at least one pair never drawn in training (e.g. a blue triangle)
+
+Per method, over (prompt, seed) pairs (the seeds of one prompt run as one batch: image i of seed s has the
+noise ComfyUI's KSampler gives batch row i of seed s):
+
+  shapes    rate of images in which every subject's shape is present (any colour)
+  both      rate of images in which both objects are drawn, each in its own colour (the detector finds both
+            (colour, shape) pairs)
+            both with Wilson 95% intervals
+  fixes / breaks   paired against plain on the same prompt and seed: images plain missed and the method got,
+            and the reverse (for `both`)
+  s/img     seconds per image (batch time / batch size)
+  A&E loss  mean of Attend-and-Excite's loss (1 - the weakest subject's smoothed peak after A&E's softmax)
+            at the first and the last guided step, from the ATTENTION record (guided methods): whether the
+            method moved the maps it acts on
+
+Methods: plain; every loss of `guidance.losses.LOSSES` alone at weight 1 with the Attention Guidance node's
+defaults (the papers' settings: scale factor 20, guided over the first half, A&E's refinement where the A&E
+loss is on); A-STAR (segregation + retention, guided over the whole schedule, no refinement); D&B
+(attendance + divide_and_bind_binding, 1 each). Sampling: euler/normal, cfg 7.5, 256 px (32x32 latent),
+captured maps 16x16 (`attention_resolution` 16: the world model's 16x16 cross-attention layers).
+
+Plain, for point 3 of the issue: the share of drawn objects whose subject map (raw attention, noun and
+colour tokens) peaks inside the object's box, and the subjects' raw peaks, at A&E's last guided step.
+
+Run from the pack root with ComfyUI's Python:
+
+    python benchmarks/effect.py --ckpt world/world_sd15.safetensors                 # the full table
+    python benchmarks/effect.py --ckpt world/world_sd15.safetensors --quick         # minutes
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import importlib.util
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+PACK_DIR = Path(__file__).resolve().parent.parent
+_PACK_MODULE: str | None = None
+
+
+def boot_host() -> None:
+    global _PACK_MODULE
+    if _PACK_MODULE is not None:
+        return
+    spec = importlib.util.spec_from_file_location("attn_guide_host", PACK_DIR / "runner" / "host.py")
+    host = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host)
+    try:
+        _PACK_MODULE = host.boot_host(host.find_host(), cpu=True)
+    except host.HostNotFound as error:
+        sys.exit(str(error))
+
+
+def pack_module(name: str):
+    return importlib.import_module(f"{_PACK_MODULE}.{name}")
+
+
+# ---------------------------------------------------------------- methods
+
+GUIDANCE_DEFAULTS = {"scale_factor": 20.0, "guidance_start": 0.0, "guidance_end": 0.5, "max_refinement_steps": 20,
+                     "softmax_temperature": 100.0, "exclude_padding": False, "smoothing_sigma": 0.5,
+                     "retention_threshold": 0.5, "truncate_pass": True}
+COMBINATIONS = {
+    "A-STAR": ({"segregation": 1.0, "retention": 1.0}, {"guidance_end": 1.0}),
+    "D&B": ({"attendance": 1.0, "divide_and_bind_binding": 1.0}, {}),
+}
+QUICK_METHODS = ("plain", "attend_and_excite", "A-STAR", "D&B")
+
+
+def method_configs(names: list[str] | None = None, max_refinement_steps: int = 20) -> dict:
+    """name -> GuidanceConfig (None for plain), built by the Attention Guidance node."""
+    guidance_node = pack_module("nodes.guidance").AttentionGuidance
+    losses = pack_module("guidance.losses")
+    refinement = ", ".join(f"{f}:{t}" for f, t in pack_module("guidance.sampler").DEFAULT_REFINEMENT)
+
+    def config(weights, **changes):
+        all_weights = {f"{name}_weight": weights.get(name, 0.0) for name in losses.LOSSES}
+        schedule = {"refinement": refinement if weights.get("attend_and_excite") else "",
+                    "max_refinement_steps": max_refinement_steps}
+        return guidance_node.execute(**{**GUIDANCE_DEFAULTS, **schedule, **changes}, **all_weights).args[0]
+
+    methods = {"plain": None}
+    for name in losses.LOSSES:
+        methods[name] = config({name: 1.0})
+    for name, (weights, changes) in COMBINATIONS.items():
+        methods[name] = config(weights, **changes)
+    if names:
+        unknown = [n for n in names if n not in methods]
+        if unknown:
+            raise SystemExit(f"unknown method(s) {unknown}; valid: {', '.join(methods)}")
+        methods = {n: methods[n] for n in names}
+    return methods
+
+
+# ---------------------------------------------------------------- one batch
+
+def load_world(checkpoint: Path):
+    """MODEL, CLIP, VAE of the world checkpoint through Load Checkpoint (CheckpointLoaderSimple)."""
+    import folder_paths
+    import nodes
+    pack_module("world.model").register()
+    checkpoint = checkpoint.resolve()
+    saved = copy.deepcopy(folder_paths.folder_names_and_paths["checkpoints"])
+    try:
+        folder_paths.add_model_folder_path("checkpoints", str(checkpoint.parent))
+        folder_paths.filename_list_cache.pop("checkpoints", None)
+        loader = nodes.CheckpointLoaderSimple()
+        return loader.load_checkpoint(checkpoint.name)[:3]
+    finally:
+        folder_paths.folder_names_and_paths["checkpoints"] = saved
+        folder_paths.filename_list_cache.pop("checkpoints", None)
+
+
+def run_batch(model, clip, pair_a, pair_b, seed: int, batch: int, config, args):
+    """Samples `batch` images of the prompt; returns latents [B, 4, 32, 32] (VAE space), the ATTENTION record,
+    seconds."""
+    import torch
+
+    import nodes
+    scenes = pack_module("world.scenes")
+    encode = pack_module("nodes.text_encode").AttentionTextEncode
+    ksampler = pack_module("nodes.sampler").AttentionKSampler
+    prompt = scenes.caption([pair_a, pair_b])
+    subjects = f"{pair_a[0]} {pair_a[1]}, {pair_b[0]} {pair_b[1]}"
+    positive, subject_tokens = encode.execute(clip, prompt, subjects).args
+    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    latent = {"samples": torch.zeros(batch, 4, 32, 32)}
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out, record = ksampler.execute(model, seed, args.steps, args.cfg, "euler", "normal", positive, negative,
+                                       latent, 1.0, subject_tokens, 16, True, guidance=config).args
+    return out["samples"], record, time.perf_counter() - start
+
+
+def image_results(latents, pair_a, pair_b) -> list[dict]:
+    """Per image: shapes present, both objects in their own colours, the detections."""
+    scenes = pack_module("world.scenes")
+    detector = pack_module("world.detector")
+    scale = pack_module("world.model").LATENT_SCALE
+    rows = []
+    for found in detector.detect_batch(scenes.latent_to_rgb(latents.float().numpy() * scale)):
+        pairs = {d.pair for d in found}
+        shapes = {d.shape for d in found}
+        rows.append({"shapes": pair_a[1] in shapes and pair_b[1] in shapes,
+                     "both": pair_a in pairs and pair_b in pairs, "found": found})
+    return rows
+
+
+def aae_losses(record) -> tuple[list[float], list[float]] | None:
+    """Per image: A&E's loss at the first and the last guided step (the record's loss terms, before the update),
+    or computed from the maps for methods without the A&E term; None for plain."""
+    if not record.losses:
+        return None
+    losses = pack_module("guidance.losses")
+
+    def at(entry):
+        if "attend_and_excite" in entry.terms:
+            return entry.terms["attend_and_excite"]
+        index = record.steps.index(entry.step)
+        maps = losses.subject_attention_maps(record.grid_maps(index), record.subjects, record.resolution, 100.0)
+        return [float(v) for v in losses.attend_and_excite_loss(maps)]
+
+    return at(record.losses[0]), at(record.losses[-1])
+
+
+def attention_grounding(record, results, pairs, step: int) -> tuple[list[float], list[float]]:
+    """For plain images: per drawn object, 1 if its subject's raw map (mean over the group's noun and colour
+    tokens) peaks inside the object's box on the 16x16 grid; and every subject's raw peak."""
+    index = record.steps.index(step)
+    aggregated = record.grid_maps(index)                                   # [B, HW, T]
+    height, width = record.resolution
+    hits, peaks = [], []
+    for subject, pair in zip(record.subjects.subjects, pairs):
+        positions = list(subject.token_positions) + [p for a in subject.attributes for p in a.token_positions]
+        maps = aggregated[:, :, positions].mean(-1).reshape(-1, height, width)
+        for b, result in enumerate(results):
+            peaks.append(float(maps[b].max()))
+            match = [d for d in result["found"] if d.pair == pair]
+            if match:
+                top, left, box_h, box_w = match[0].box
+                flat = int(maps[b].argmax())
+                y, x = (flat // width + 0.5) * 32 / height, (flat % width + 0.5) * 32 / width
+                hits.append(float(top - 1 <= y <= top + box_h + 1 and left - 1 <= x <= left + box_w + 1))
+    return hits, peaks
+
+
+# ---------------------------------------------------------------- statistics and report
+
+def wilson(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    if total == 0:
+        return 0.0, 0.0
+    p = successes / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate(values: list[bool]) -> str:
+    low, high = wilson(sum(values), len(values))
+    return f"{sum(values) / max(len(values), 1):.3f} [{low:.2f}, {high:.2f}]"
+
+
+def report(results: dict, splits: dict, header: list[str]) -> str:
+    lines = list(header)
+    for split in ("all", *splits):
+        plain = results["plain"]
+        keys = [k for k in plain["images"] if split == "all" or k[0] == split]
+        if not keys:
+            continue
+        lines += ["", f"{split}: {len(keys)} images (prompt, seed)",
+                  f"{'method':<26} {'shapes':>20} {'both (own colours)':>20} {'fixes':>5} {'breaks':>6} {'s/img':>6}"
+                  f" {'A&E loss first->last':>21}"]
+        for name, values in results.items():
+            images = values["images"]
+            both = [images[k]["both"] for k in keys]
+            shapes = [images[k]["shapes"] for k in keys]
+            fixes = sum(images[k]["both"] and not plain["images"][k]["both"] for k in keys)
+            breaks = sum(plain["images"][k]["both"] and not images[k]["both"] for k in keys)
+            seconds = statistics.fmean(images[k]["seconds"] for k in keys)
+            firsts = [images[k]["aae"][0] for k in keys if images[k]["aae"] is not None]
+            lasts = [images[k]["aae"][1] for k in keys if images[k]["aae"] is not None]
+            aae = f"{statistics.fmean(firsts):.3f} -> {statistics.fmean(lasts):.3f}" if firsts else "-"
+            lines.append(f"{name:<26} {rate(shapes):>20} {rate(both):>20} {fixes:>5} {breaks:>6} {seconds:>6.2f} "
+                         f"{aae:>21}")
+    return "\n".join(lines)
+
+
+def save_grid(path: Path, vae, latents: dict, labels: list[str]) -> None:
+    """Rows = (prompt, seed) images, columns = methods, VAE-decoded through the checkpoint's VAE."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageDraw
+    columns = list(latents)
+    rows = len(next(iter(latents.values())))
+    tile, head, side = 128, 16, 200
+    canvas = Image.new("RGB", (side + tile * len(columns), head + tile * rows), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, name in enumerate(columns):
+        draw.text((side + c * tile + 4, 2), name[:20], fill="black")
+        with torch.inference_mode():
+            pictures = vae.decode(torch.stack(latents[name]))
+        for r in range(rows):
+            array = (pictures[r].float().clamp(0, 1).numpy() * 255).astype(np.uint8)
+            canvas.paste(Image.fromarray(array).resize((tile, tile), Image.NEAREST), (side + c * tile, head + r * tile))
+    for r, label in enumerate(labels):
+        draw.text((4, head + r * tile + tile // 2 - 6), label[:32], fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def measure(model, clip, methods: dict, splits: dict, args, progress: bool = True) -> dict:
+    """Runs every method on every prompt of `splits` (one batch of args.seeds images each); per-image outcomes
+    by (split, prompt index, image), plain's attention grounding, and the grid's first two images per split."""
+    started = time.perf_counter()
+    last_guided = max(0, int(args.steps * GUIDANCE_DEFAULTS["guidance_end"]) - 1)
+    results = {name: {"images": {}} for name in methods}
+    hits, peaks = [], []
+    grid_latents = {name: [] for name in methods}
+    grid_labels = []
+    total = len(methods) * sum(len(v) for v in splits.values())
+    done = 0
+    for split, prompts in splits.items():
+        for prompt_index, (pair_a, pair_b) in enumerate(prompts):
+            for name, config in methods.items():
+                latents, record, seconds = run_batch(model, clip, pair_a, pair_b, 0, args.seeds, config, args)
+                rows = image_results(latents, pair_a, pair_b)
+                aae = aae_losses(record)
+                for i, row in enumerate(rows):
+                    results[name]["images"][(split, prompt_index, i)] = {
+                        "both": row["both"], "shapes": row["shapes"], "seconds": seconds / len(rows),
+                        "aae": None if aae is None else (aae[0][i], aae[1][i])}
+                if name == "plain":
+                    h, p = attention_grounding(record, rows, (pair_a, pair_b), last_guided)
+                    hits += h
+                    peaks += p
+                if prompt_index == 0:
+                    grid_latents[name] += [latents[0], latents[1]]
+                done += 1
+                if progress:
+                    print(f"\r{done}/{total} batches, {time.perf_counter() - started:.0f} s", end="", file=sys.stderr,
+                          flush=True)
+            if prompt_index == 0:
+                grid_labels += [f"{pair_a[0]} {pair_a[1]} + {pair_b[0]} {pair_b[1]} #{i}" for i in (0, 1)]
+    if progress:
+        print(file=sys.stderr)
+    return {"results": results, "hits": hits, "peaks": peaks, "grid_latents": grid_latents,
+            "grid_labels": grid_labels, "last_guided": last_guided, "started": started}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", type=Path, required=True, help="the world checkpoint (.safetensors)")
+    parser.add_argument("--quick", action="store_true", help="4 methods, 2 prompts per split, 4 seeds, 10 steps")
+    parser.add_argument("--methods", default=None, help="comma-separated (default: all; --quick: " + ", ".join(QUICK_METHODS) + ")")
+    parser.add_argument("--prompts-per-split", type=int, default=None, help="default: all (--quick: 2)")
+    parser.add_argument("--seeds", type=int, default=8, help="images per prompt, one batch (default 8)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cfg", type=float, default=7.5)
+    parser.add_argument("--max-refinement", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--save", type=Path, default=None, help="write the report here too")
+    parser.add_argument("--grid", type=Path, default=None, help="PNG of plain and each method, same seeds")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.prompts_per_split = args.prompts_per_split or 2
+        args.seeds = min(args.seeds, 4)
+        args.steps = 10 if args.steps == 20 else args.steps
+        args.max_refinement = min(args.max_refinement, 5)
+    boot_host()
+    import torch
+    torch.set_num_threads(args.threads)
+    names = args.methods.split(",") if args.methods else (list(QUICK_METHODS) if args.quick else None)
+    methods = method_configs([n.strip() for n in names] if names else None, args.max_refinement)
+    model, clip, vae = load_world(args.ckpt)
+    scenes = pack_module("world.scenes")
+    splits = scenes.two_object_prompts()
+    if args.prompts_per_split:
+        splits = {k: v[:args.prompts_per_split] for k, v in splits.items()}
+    measured = measure(model, clip, methods, splits, args)
+    results, hits, peaks = measured["results"], measured["hits"], measured["peaks"]
+    last_guided, started = measured["last_guided"], measured["started"]
+    header = [f"effect: {args.ckpt.name}, {args.steps} steps euler/normal, cfg {args.cfg}, 256 px (latent 32x32, maps "
+              f"16x16), {args.seeds} images per prompt (one batch, seed 0), max refinement {args.max_refinement}",
+              f"torch {torch.__version__}, {args.threads} threads, cpu; wall time {time.perf_counter() - started:.0f} s",
+              f"plain: drawn objects whose subject map peaks inside them at step {last_guided}: "
+              f"{sum(hits) / max(len(hits), 1):.3f} of {len(hits)}; subjects' raw peak mean "
+              f"{statistics.fmean(peaks) if peaks else 0:.3f} (median {statistics.median(peaks) if peaks else 0:.3f})"]
+    text = report(results, splits, header)
+    print(text)
+    if args.save:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        args.save.write_text(text + "\n")
+    if args.grid:
+        save_grid(args.grid, vae, measured["grid_latents"], measured["grid_labels"])
+
+
+if __name__ == "__main__":
+    main()

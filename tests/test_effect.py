@@ -1,0 +1,77 @@
+"""benchmarks/effect.py (issue 16): a small effect run on a world checkpoint completes, is reproducible, and its
+plain row is KSampler's."""
+import argparse
+import importlib.util
+
+import pytest
+import torch
+
+import nodes
+from harness import PACK_DIR, PACK_MODULE, pack_module, run_node
+
+train = pack_module("world.train")
+scenes = pack_module("world.scenes")
+
+
+@pytest.fixture(scope="module")
+def effect():
+    spec = importlib.util.spec_from_file_location("attn_guide_effect", PACK_DIR / "benchmarks" / "effect.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module._PACK_MODULE = PACK_MODULE
+    return module
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A world checkpoint after a few training batches (the shipped one is used by the demo, not here)."""
+    out = tmp_path_factory.mktemp("world")
+    trainer = train.make_trainer(train.TrainConfig(batch_size=4, lr=2e-3, warmup=1))
+    for _ in range(3):
+        train.step(trainer)
+    train.save(trainer, out)
+    return out / train.CHECKPOINT_NAME
+
+
+def _args(**changes):
+    return argparse.Namespace(**{"steps": 3, "cfg": 7.5, "seeds": 2, **changes})
+
+
+def test_small_effect_run_is_reproducible(effect, checkpoint, tmp_path):
+    model, clip, vae = effect.load_world(checkpoint)
+    methods = effect.method_configs(["plain", "attend_and_excite", "A-STAR"], max_refinement_steps=2)
+    splits = {k: v[:2] for k, v in scenes.two_object_prompts().items()}
+    first = effect.measure(model, clip, methods, splits, _args(), progress=False)
+    second = effect.measure(model, clip, methods, splits, _args(), progress=False)
+    for name in methods:
+        images = first["results"][name]["images"]
+        assert len(images) == 12  # 3 splits x 2 prompts x 2 images
+        assert {k: (v["both"], v["shapes"], v["aae"]) for k, v in images.items()} == \
+            {k: (v["both"], v["shapes"], v["aae"]) for k, v in second["results"][name]["images"].items()}
+    for name in methods:
+        assert torch.equal(torch.stack(first["grid_latents"][name]), torch.stack(second["grid_latents"][name]))
+    guided = first["results"]["attend_and_excite"]["images"]
+    assert all(v["aae"] is not None and 0.0 <= v["aae"][0] <= 1.0 for v in guided.values())
+    text = effect.report(first["results"], splits, ["header"])
+    assert "plain" in text and "held_out_pair" in text and "fixes" in text
+    effect.save_grid(tmp_path / "grid.png", vae, first["grid_latents"], first["grid_labels"])
+    assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_plain_row_is_ksampler(effect, checkpoint):
+    model, clip, _ = effect.load_world(checkpoint)
+    pair_a, pair_b = scenes.two_object_prompts()["seen"][0]
+    latents, record, _ = effect.run_batch(model, clip, pair_a, pair_b, 0, 2, None, _args())
+    (positive,) = run_node(nodes.CLIPTextEncode, clip=clip, text=scenes.caption([pair_a, pair_b]))[:1]
+    (negative,) = run_node(nodes.CLIPTextEncode, clip=clip, text="")[:1]
+    latent = {"samples": torch.zeros(2, 4, 32, 32)}
+    (expected,) = run_node(nodes.KSampler, model=model, seed=0, steps=3, cfg=7.5, sampler_name="euler",
+                           scheduler="normal", positive=positive, negative=negative, latent_image=latent, denoise=1.0)
+    assert torch.equal(latents, expected["samples"])
+    assert record.resolution == (16, 16) and len(record.steps) == 3
+
+
+def test_wilson_interval(effect):
+    low, high = effect.wilson(29, 48)
+    assert low == pytest.approx(0.4631, abs=1e-4) and high == pytest.approx(0.7298, abs=1e-4)
+    assert effect.wilson(0, 10)[0] == 0.0 and effect.wilson(10, 10)[1] == pytest.approx(1.0)

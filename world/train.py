@@ -1,0 +1,276 @@
+"""Trains the world model (issue 16): the narrow SD1.x UNet and CLIP-L text encoder of `world.model` on the scenes
+of `world.scenes`, and saves it as one single-file SD1.x checkpoint that Load Checkpoint loads.
+
+Run from the pack root with ComfyUI's Python (deterministic from --seed; resumes from the last save in --out):
+
+    python world/train.py --out world_run --batches 1200 --minutes 45
+    python world/train.py --out world_run --batches 1500          # later: carries on from the last save
+
+Per batch: `--batch-size` training scenes (scene index = batch * batch size + row, so the data depend only on
+the seed and the batch number), 10% of the captions dropped to "" (for classifier-free guidance), one
+timestep per image of SD1.x's 1000-step schedule, EPS loss. Two attention terms shape the cross-attention
+(head-averaged probabilities of every attn2 layer, 16x16 and 8x8):
+
+  grounding (--ground-weight, one-object scenes only): inside the object the share of a pixel's attention on
+      each of the object's two words (colour, shape) should reach --ground-target: mean relu(target - share)
+      over the two words, plus the words' share outside the object (mean). Per word, not their sum: with a
+      target on the sum the colour word took it all, and A&E's x100 softmax then left the noun's map at 0. Two- and three-object scenes are not grounded, so that
+      composing two objects stays hard for the plain model (grounding every scene removed the neglect
+      while scoping this: TokenCompose's effect).
+  sink (--sink-weight, every captioned scene): the share of attention on every token but the start token and
+      the colour and shape words ('a', 'and', ',', the end token, the padding), so that what the words do not
+      hold goes to the start token, as in SD. A&E's softmax drops the start token and keeps the rest: a sink
+      there (the padding, or the first 'a', where the mass went with a padding-only term) leaves the
+      subjects' maps at 0 after it (A&E's loss stuck at 1).
+
+Saves (--save-every batches, and at the end or when --minutes is up): `state.pt` (weights, optimizer, batch
+number, loss log) and `world_sd15.safetensors` (fp16 UNet and text encoder, the fixed VAE).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+PACK_DIR = Path(__file__).resolve().parent.parent
+CHECKPOINT_NAME = "world_sd15.safetensors"
+STATE_NAME = "state.pt"
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup: int = 50
+    cond_dropout: float = 0.1
+    ground_weight: float = 0.2
+    ground_target: float = 0.15
+    sink_weight: float = 0.05
+    grad_clip: float = 1.0
+
+
+@dataclass
+class Trainer:
+    """Model, text encoder, optimizer and the batch counter; `step()` trains one batch."""
+    config: TrainConfig
+    model: object
+    clip: object
+    optimizer: object
+    batch: int = 0
+    log: list = field(default_factory=list)
+
+    @property
+    def parameters(self):
+        return list(self.model.diffusion_model.parameters()) + list(self.clip.cond_stage_model.parameters())
+
+
+def _pack():
+    """The pack's modules: the ones ComfyUI loaded (tests, ComfyUI) or, for the command line, boot the host."""
+    package = __package__ or ""
+    if package.endswith(".world"):
+        prefix = package[: -len(".world")]
+    else:
+        spec = importlib.util.spec_from_file_location("attn_guide_host", PACK_DIR / "runner" / "host.py")
+        host = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(host)
+        try:
+            prefix = host.boot_host(host.find_host(), cpu=True)
+        except host.HostNotFound as error:
+            sys.exit(str(error))
+    return importlib.import_module(f"{prefix}.world.model"), importlib.import_module(f"{prefix}.world.scenes")
+
+
+def make_trainer(config: TrainConfig):
+    import torch
+    world_model, _ = _pack()
+    torch.manual_seed(config.seed)
+    model = world_model.make_unet_model(config.seed)
+    clip = world_model.make_clip(config.seed + 1)
+    trainer = Trainer(config, model, clip, None)
+    for p in trainer.parameters:
+        p.requires_grad_(True)
+    trainer.optimizer = torch.optim.AdamW(trainer.parameters, lr=config.lr, weight_decay=0.0)
+    return trainer
+
+
+def batch_data(trainer: Trainer, batch: int):
+    """Latents, token ids, caption kept flags, coverage and the objects' token positions of batch `batch`."""
+    import numpy as np
+    import torch
+    world_model, scenes = _pack()
+    config = trainer.config
+    rng = np.random.default_rng([config.seed, batch, 1])
+    drawn = scenes.sample_scenes(config.seed, config.batch_size, start=batch * config.batch_size)
+    image, cover = scenes.render(drawn)
+    kept = rng.random(config.batch_size) >= config.cond_dropout
+    captions = [scene.caption if keep else "" for scene, keep in zip(drawn, kept)]
+    return {"latent": torch.from_numpy(scenes.rgb_to_latent(image)), "tokens": world_model.tokenize(trainer.clip, captions),
+            "kept": torch.from_numpy(kept), "cover": torch.from_numpy(cover), "scenes": drawn}
+
+
+def losses(trainer: Trainer, data: dict, batch: int) -> dict:
+    """The batch's loss terms (tensors); `total` is what is minimised."""
+    import torch
+    import torch.nn.functional as F
+    world_model, _ = _pack()
+    config = trainer.config
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + batch)
+    x0 = data["latent"]
+    count = x0.shape[0]
+    sampling = trainer.model.model_sampling
+    timesteps = torch.randint(0, len(sampling.sigmas), (count,), generator=generator)
+    sigma = sampling.sigmas[timesteps].float().reshape(-1, 1, 1, 1)
+    noise = torch.randn(x0.shape, generator=generator)
+    x_in = (x0 + sigma * noise) / torch.sqrt(1 + sigma ** 2)
+    context = world_model.encode_tokens(trainer.clip, data["tokens"])
+    probe = world_model.AttentionProbe(trainer.model.diffusion_model)
+    eps = trainer.model.diffusion_model(x_in, timesteps.float(), context=context,
+                                        transformer_options=probe.transformer_options())
+    terms = {"diffusion": F.mse_loss(eps, noise)}
+
+    tokens = data["tokens"]
+    sink_tokens = torch.ones(tokens.shape, dtype=torch.float32)         # all but the start token and the words
+    sink_tokens[:, 0] = 0.0
+    for row, scene in enumerate(data["scenes"]):
+        for colour_at, shape_at in scene.token_positions():
+            sink_tokens[row, [colour_at, shape_at]] = 0.0
+    kept = data["kept"]
+    one = kept & torch.tensor([len(scene.objects) == 1 for scene in data["scenes"]])
+    ground_in, ground_out, sink = [], [], []
+    for maps in probe.maps:                                              # [B, h*w, 77]
+        side = int(math.isqrt(maps.shape[1]))
+        if kept.any():
+            share = (maps * sink_tokens[:, None]).sum(-1)
+            sink.append(share[kept].mean())
+        if one.any():
+            cover = F.adaptive_avg_pool2d(data["cover"][:, 0], side).reshape(count, -1)[one]
+            colour_share, shape_share = maps[one][:, :, 2], maps[one][:, :, 3]  # 'a <colour> <shape>'
+            inside, outside = cover >= 0.5, cover <= 0.0
+            ground_in.append((F.relu(config.ground_target - colour_share)[inside].mean()
+                              + F.relu(config.ground_target - shape_share)[inside].mean()) / 2)
+            ground_out.append((colour_share + shape_share)[outside].mean())
+    zero = eps.new_zeros(())
+    terms["ground_in"] = torch.stack(ground_in).mean() if ground_in else zero
+    terms["ground_out"] = torch.stack(ground_out).mean() if ground_out else zero
+    terms["sink"] = torch.stack(sink).mean() if sink else zero
+    terms["total"] = (terms["diffusion"] + config.ground_weight * (terms["ground_in"] + terms["ground_out"])
+                      + config.sink_weight * terms["sink"])
+    return terms
+
+
+def step(trainer: Trainer) -> dict:
+    """Trains one batch; returns its loss terms as floats."""
+    import torch
+    config = trainer.config
+    lr = config.lr * min(1.0, (trainer.batch + 1) / max(config.warmup, 1))
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = lr
+    terms = losses(trainer, batch_data(trainer, trainer.batch), trainer.batch)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    terms["total"].backward()
+    torch.nn.utils.clip_grad_norm_(trainer.parameters, config.grad_clip)
+    trainer.optimizer.step()
+    values = {name: float(value.detach()) for name, value in terms.items()}
+    values["batch"] = trainer.batch
+    trainer.log.append(values)
+    trainer.batch += 1
+    return values
+
+
+def save(trainer: Trainer, out: Path, checkpoint: bool = True) -> None:
+    """state.pt (atomically) and, with `checkpoint`, the single-file checkpoint."""
+    import torch
+    world_model, _ = _pack()
+    out.mkdir(parents=True, exist_ok=True)
+    state = {"config": asdict(trainer.config), "batch": trainer.batch, "log": trainer.log,
+             "unet": trainer.model.diffusion_model.state_dict(), "text": trainer.clip.cond_stage_model.state_dict(),
+             "optimizer": trainer.optimizer.state_dict()}
+    partial = out / (STATE_NAME + ".partial")
+    torch.save(state, partial)
+    partial.replace(out / STATE_NAME)
+    if checkpoint:
+        metadata = {"attn_guide_world": json.dumps({"batches": trainer.batch, "config": asdict(trainer.config)})}
+        partial = out / (CHECKPOINT_NAME + ".partial")
+        world_model.save_checkpoint(partial, trainer.model, trainer.clip, metadata=metadata)
+        partial.replace(out / CHECKPOINT_NAME)
+
+
+def load(out: Path, config: TrainConfig | None = None) -> Trainer:
+    """A trainer resumed from out/state.pt (its own config unless one is given), else a fresh one."""
+    import torch
+    path = out / STATE_NAME
+    if not path.is_file():
+        return make_trainer(config or TrainConfig())
+    state = torch.load(path, weights_only=False)
+    trainer = make_trainer(config or TrainConfig(**state["config"]))
+    trainer.model.diffusion_model.load_state_dict(state["unet"])
+    trainer.clip.cond_stage_model.load_state_dict(state["text"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.batch, trainer.log = state["batch"], state["log"]
+    return trainer
+
+
+def train(out: Path, batches: int, config: TrainConfig | None = None, save_every: int = 100,
+          minutes: float | None = None, progress: bool = True) -> Trainer:
+    """Trains from the last save in `out` (or from scratch) up to `batches` batches in all."""
+    from tqdm import tqdm
+    trainer = load(out, config)
+    start = time.monotonic()
+    bar = tqdm(total=batches, initial=trainer.batch, disable=not progress, unit="batch", dynamic_ncols=True)
+    while trainer.batch < batches:
+        values = step(trainer)
+        bar.update(1)
+        bar.set_postfix(loss=f"{values['diffusion']:.4f}", ground=f"{values['ground_in']:.4f}",
+                        sink=f"{values['sink']:.3f}")
+        timed_out = minutes is not None and time.monotonic() - start > minutes * 60
+        if trainer.batch % save_every == 0 or trainer.batch == batches or timed_out:
+            save(trainer, out)
+        if timed_out:
+            break
+    bar.close()
+    if trainer.log and trainer.batch % save_every and trainer.batch != batches:
+        save(trainer, out)
+    return trainer
+
+
+def main(argv=None) -> None:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder of state.pt and the checkpoint")
+    parser.add_argument("--batches", type=int, default=1200, help="train up to this many batches in all")
+    parser.add_argument("--minutes", type=float, default=None, help="stop (and save) after this much wall time")
+    parser.add_argument("--save-every", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    for name, value in asdict(defaults).items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=None,
+                            help=f"default {value}; on resume the saved run's value")
+    args = parser.parse_args(argv)
+    import torch
+    torch.set_num_threads(args.threads)
+    given = {name: getattr(args, name) for name in asdict(defaults) if getattr(args, name) is not None}
+    config = None
+    if given or not (args.out / STATE_NAME).is_file():
+        saved = {}
+        if (args.out / STATE_NAME).is_file():
+            saved = torch.load(args.out / STATE_NAME, weights_only=False)["config"]
+        config = TrainConfig(**{**asdict(defaults), **saved, **given})
+    started = time.monotonic()
+    trainer = train(args.out, args.batches, config, args.save_every, args.minutes)
+    last = trainer.log[-50:]
+    mean = {k: sum(v[k] for v in last) / len(last) for k in ("diffusion", "ground_in", "ground_out", "sink")} if last else {}
+    print(json.dumps({"batches": trainer.batch, "seconds": round(time.monotonic() - started, 1),
+                      "last_50_mean": mean}))
+
+
+if __name__ == "__main__":
+    main()
