@@ -1,7 +1,8 @@
 """What a guided step costs, in time and memory, against plain sampling and diffusers' pipeline (issue 6).
 
-For each model (the tiny SD1.5/SDXL-shaped models, and ComfyUI's real SD1.5 and SDXL UNets at full
-size with small random weights), in a fresh subprocess per model, medians of --reps repetitions:
+For each model (the tiny SD1.5/SDXL/SD3/Flux-shaped models; ComfyUI's real SD1.5 and SDXL UNets and SD3.5
+medium's MMDiT-X at full size, and Flux.1's blocks at full width with 2 double + 2 single blocks, all with small
+random weights), in a fresh subprocess per model, medians of --reps repetitions:
 
   plain        one CFG model evaluation (cond + uncond), the model call every sampler step makes
   guide        one `GuidanceRun.guide` call, A&E loss, no refinement: guided forward of the positive
@@ -20,17 +21,29 @@ size with small random weights), in a fresh subprocess per model, medians of --r
   parity       the pack's Attention KSampler without guidance and with record_maps off against
                nodes.common_ksampler on the same model, seed and steps (runs interleaved)
   grad check   max |g_truncated - g_full| / max |g_full| of the loss gradient with respect to the latent
+  blocks       flux-width only: one double and one single block alone, forward as a plain step runs it and
+               forward + backward as the guided pass runs it (capture, recomputed feed-forwards, frozen
+               weights), and what a block's forward keeps for the backward; from them the model's numbers
+               extrapolated to Flux.1's 19 double + 38 single blocks
 
 and the targets as PASS/FAIL lines: our truncated overhead <= 0.5x the reference's; unguided sampling
-within 5% of KSampler; truncated-pass peak memory <= 0.6x the full pass's.
+within 5% of KSampler; truncated-pass peak memory <= 0.6x the full pass's; on Flux.1 (extrapolated) a
+guided step <= 1.0x a plain step and the guided pass's peak memory <= 0.6x the full pass's.
+
+DiT models (SD3/SD3.5, Flux) sample with their own CFG (SD3 4.5; Flux.1 dev 1.0, i.e. one model call per
+plain step, with its guidance embedding at 3.5). The full-size ones are conditioned on random tensors of
+the encoders' shapes (T5-XXL 4096 wide: Flux 256 tokens; SD3 77 CLIP-L/G tokens padded to 4096, then 77 T5
+tokens) and their SUBJECTS are the real tokenizers' positions of the prompt's words.
 
     python benchmarks/guidance_cost.py --quick                 # tiny models, < 1 minute
     python benchmarks/guidance_cost.py                         # tiny + full SD1.5 + full SDXL (CPU: long)
+    python benchmarks/guidance_cost.py --models tiny-sd3,tiny-flux,flux-width,sd35 --reps 3
     python benchmarks/guidance_cost.py --device cuda --models sd15,sdxl --reps 10
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import dataclasses
 import gc
@@ -47,7 +60,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # also reaches the worker s
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from losses_effect import PACK_DIR, boot_host, emit, find_host, pack_module  # noqa: E402
 
-MODELS = ("tiny-sd15", "tiny-sdxl", "sd15", "sdxl")
+DEFAULT_MODELS = ("tiny-sd15", "tiny-sdxl", "sd15", "sdxl")
+DIT_MODELS = ("tiny-sd3", "tiny-flux", "sd35", "flux-width")
+MODELS = DEFAULT_MODELS + DIT_MODELS
+# the model family of each name (runner/tiny_models.py's families for the tiny ones)
+FAMILY = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "sd15": "sd15", "sdxl": "sdxl", "tiny-sd3": "sd3",
+          "tiny-flux": "flux", "sd35": "sd3", "flux-width": "flux"}
+FULL_DIT = ("sd35", "flux-width")
+CFG = {"sd15": 7.5, "sdxl": 7.5, "sd3": 4.5, "flux": 1.0}  # Flux.1 dev: no negative pass, guidance embedding
+FLUX_GUIDANCE = 3.5
+FLUX1_BLOCKS = (19, 38)  # Flux.1 dev/schnell: double, single blocks
 PROMPT, SUBJECTS = "a cat and a frog", "cat, frog"
 
 _COMMON = {"use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
@@ -63,6 +85,22 @@ FULL_CONFIGS = {
              "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
              "transformer_depth_middle": 10, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
              "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64, "num_heads": -1},
+}
+# What comfy.model_detection reads off the checkpoints (detect_unet_config): SD3.5 medium's MMDiT-X (depth 24 =
+# hidden 1536 / 64, RMS q/k norm, the image-only self-attention in joint blocks 0-12, a 384 x 384 position
+# embedding, T5's 4096 -> 1536 context embedder, CLIP-L + CLIP-G pooled 2048), and Flux.1 dev's blocks at full
+# width (hidden 3072, 24 heads of 128, RoPE axes 16/56/56) but 2 double + 2 single blocks instead of 19 + 38.
+DIT_CONFIGS = {
+    "sd35": {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 24, "input_size": None,
+             "adm_in_channels": 2048,
+             "context_embedder_config": {"target": "torch.nn.Linear",
+                                         "params": {"in_features": 4096, "out_features": 1536}},
+             "num_patches": 384 * 384, "pos_embed_max_size": 384, "qk_norm": "rms", "pos_embed_scaling_factor": None,
+             "x_block_self_attn_layers": list(range(13))},
+    "flux-width": {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 768,
+                   "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 2,
+                   "depth_single_blocks": 2, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
+                   "guidance_embed": True, "txt_ids_dims": []},
 }
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # storage formats of the weights (--weight-format); computed in --dtype through ComfyUI's manual cast
@@ -131,6 +169,25 @@ class PeakMemory:
         fn()
         return float(self._status("VmHWM") - before)
 
+    def retained(self, fn) -> float | None:
+        """Extra bytes held while fn's result is alive (a forward's graph: what it keeps for the backward)."""
+        if not self.available:
+            return None
+        gc.collect()
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+            before = self.torch.cuda.memory_allocated()
+            out = fn()
+            self.torch.cuda.synchronize()
+            held = self.torch.cuda.memory_allocated() - before
+        else:
+            self.libc.malloc_trim(0)
+            before = self._status("VmRSS")
+            out = fn()
+            held = self._status("VmRSS") - before
+        del out
+        return float(held)
+
 
 def build_model(name: str, device: str, dtype_name: str, weights: str, weight_format: str | None = None):
     """(MODEL, positive, negative, subjects) for one model spec; full models get random conds.
@@ -156,17 +213,22 @@ def _build_model(name: str, dtype_name: str, weight_format: str):
 
     import nodes
     tiny = pack_module("runner.tiny_models")
-    family = name.removeprefix("tiny-")
-    clip = tiny.make_clip(family)
+    family = FAMILY[name]
     dtype = getattr(torch, DTYPES[dtype_name])
     storage = getattr(torch, WEIGHT_FORMATS[weight_format])
     manual_cast = dtype if storage != dtype else None
+    if name in FULL_DIT:
+        return _build_full_dit(name, storage, manual_cast)
+    clip = tiny.make_clip(family)
     if name.startswith("tiny-"):
         model = comfy.model_patcher.ModelPatcher(tiny.make_unet_model(family, 0, storage, manual_cast),
                                                  load_device=comfy.model_management.get_torch_device(),
                                                  offload_device=comfy.model_management.unet_offload_device())
         positive, subjects = pack_module("nodes.text_encode").AttentionTextEncode.execute(clip, PROMPT, SUBJECTS).args
         negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+        if family == "flux":  # guidance-distilled: the guidance goes in as a cond value, as FluxGuidance sets it
+            import node_helpers
+            positive = node_helpers.conditioning_set_values(positive, {"guidance": FLUX_GUIDANCE})
         return model, positive, negative, subjects
     config = dict(FULL_CONFIGS[family], dtype=storage)
     model_config = comfy.supported_models.SD15(config) if family == "sd15" else comfy.supported_models.SDXL(config)
@@ -192,6 +254,47 @@ def _build_model(name: str, dtype_name: str, weight_format: str):
     return model, cond(), cond(), subjects
 
 
+def _build_full_dit(name: str, storage, manual_cast):
+    """SD3.5 medium's MMDiT-X or Flux.1's blocks at full width, built as ComfyUI's checkpoint loader builds them
+    (the detected unet_config, the family's supported_models class and its get_model), small random weights.
+    Conditioning: random tensors of the text encoders' shapes; SUBJECTS: the real tokenizers' positions of the
+    prompt's words (SD3: 77 CLIP positions, then 77 T5 ones; Flux: the 256 T5 positions), no fingerprints (the
+    positive holds one cond)."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+    tiny = pack_module("runner.tiny_models")
+    if name == "sd35":
+        import comfy.text_encoders.sd3_clip as text_module
+        model_config = comfy.supported_models.SD3(dict(DIT_CONFIGS[name], dtype=storage))
+        tokenizer = text_module.SD3Tokenizer()
+    else:
+        import comfy.ldm.flux.model
+        import comfy.text_encoders.flux as text_module
+        fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)} | {"image_model"}
+        config = {k: v for k, v in DIT_CONFIGS[name].items() if k in fields}  # the fields this host's Flux has
+        model_config = comfy.supported_models.Flux(dict(config, dtype=storage))
+        tokenizer = text_module.FluxTokenizer()
+    model_config.set_inference_dtype(storage, manual_cast)
+    base = model_config.get_model({})
+    tiny._init_weights_(base.diffusion_model, seed=0)  # randn / sqrt(fan_in): small, well-scaled activations
+    tiny._init_dit_buffers_(base.diffusion_model)      # MMDiT's sin-cos position embedding
+    base.diffusion_model.to(storage)
+    model = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                             offload_device=comfy.model_management.unet_offload_device())
+    subjects = pack_module("text.subjects").resolve_subjects(tokenizer, PROMPT, SUBJECTS)
+    generator = torch.Generator().manual_seed(1)
+    pooled = 2048 if name == "sd35" else 768  # SD3: CLIP-L (768) + CLIP-G (1280) pooled; Flux: CLIP-L's
+
+    def cond(extra=None):
+        values = {"pooled_output": torch.randn(1, pooled, generator=generator), **(extra or {})}
+        return [[torch.randn(1, subjects.num_tokens, 4096, generator=generator), values]]
+
+    positive = cond({"guidance": FLUX_GUIDANCE} if name == "flux-width" else None)
+    return model, positive, cond(), subjects
+
+
 class _Probe:
     """A SAMPLER that, instead of sampling, hands the prepared CFG guider to `body` (then returns the latent)."""
 
@@ -210,6 +313,120 @@ class _Probe:
         return Probe()
 
 
+BLOCK_COST_MODELS = ("flux-width",)
+
+
+class FluxBlocks:
+    """One double block (the last) and one single block (the first) of a Flux model, run alone on the inputs they
+    got in a real model call: forward on a plain step's inputs (inference mode, as a sampler step runs them), and
+    forward + backward to their inputs on a guided pass's, as the guided pass runs them (the capture's
+    differentiable maps of the captured double block, feed-forwards recomputed or stored, frozen weights). From
+    these the flux-width numbers are extrapolated to Flux.1's 19 double + 38 single blocks (see `report`)."""
+
+    def __init__(self, diffusion_model, capture, plain, guided):
+        import torch
+        self.torch = torch
+        self.model, self.capture = diffusion_model, capture
+        self.blocks = {"double": diffusion_model.double_blocks[-1], "single": diffusion_model.single_blocks[0]}
+        self.plain_inputs = self._grab(plain)
+        self.guided_inputs = self._grab(guided)  # a full guided pass: every block runs
+        self.cotangents: dict = {}
+
+    def _grab(self, run) -> dict:
+        """{kind: (args, kwargs, the capture's ForwardState)} of each block's first call during run()."""
+        torch = self.torch
+        grabbed, needs_grad = {}, []
+
+        def held(value):
+            if isinstance(value, torch.Tensor):
+                copy_ = value.detach().clone()
+                if value.requires_grad:  # on the latent's path: a leaf of the block's backward
+                    needs_grad.append(copy_)
+                return copy_
+            return dict(value) if isinstance(value, dict) else value  # transformer_options: this block's index
+
+        def hook(kind):
+            def pre_hook(_module, args, kwargs):
+                if kind not in grabbed:
+                    with torch.no_grad():
+                        grabbed[kind] = (tuple(held(a) for a in args), {k: held(v) for k, v in kwargs.items()},
+                                         copy.copy(self.capture.forward))
+            return pre_hook
+        handles = [block.register_forward_pre_hook(hook(kind), with_kwargs=True) for kind, block in self.blocks.items()]
+        try:
+            run()
+        finally:
+            for handle in handles:
+                handle.remove()
+        for tensor in needs_grad:
+            tensor.requires_grad_(True)
+        return grabbed
+
+    def _fresh(self, args, kwargs):
+        """Copies of the inputs for one call: Flux's blocks add to their input in place (`img += ...`)."""
+        def fresh(value):
+            return value.clone() if isinstance(value, self.torch.Tensor) else value
+        return tuple(fresh(a) for a in args), {k: fresh(v) for k, v in kwargs.items()}
+
+    def forward(self, kind: str):
+        args, kwargs, _state = self.plain_inputs[kind]
+        with self.torch.inference_mode():
+            args, kwargs = self._fresh(args, kwargs)
+            return self.blocks[kind](*args, **kwargs)
+
+    def guided(self, kind: str, recompute: bool, backward: bool = True, maps: bool = True):
+        """The block's forward as the guided pass runs it, then (backward) the gradient to its inputs; without
+        backward, the outputs, whose graph holds what the forward keeps for the backward. maps off: the capture
+        does not compute the block's differentiable maps (what they cost)."""
+        torch = self.torch
+        dit = pack_module("attention_patch.dit")
+        differentiable = pack_module("guidance.differentiable")
+        cast_weights = pack_module("guidance.cast_weights")
+        args, kwargs, state = self.guided_inputs[kind]
+        capture = self.capture
+        with torch.inference_mode(False), torch.enable_grad(), dit.differentiable_host(), \
+                cast_weights.per_call_weights(self.model):
+            with differentiable.GuidedPassMode(set()), differentiable.recompute_feedforward(
+                    self.model, recompute, capture.feedforwards(self.model)):
+                capture.begin_evaluation()
+                capture.guided, capture.truncate = True, False
+                capture.forward = copy.copy(state) if maps else None  # None: the override runs the host's alone
+                try:
+                    fresh_args, fresh_kwargs = self._fresh(args, kwargs)  # clones of the leaves: on their path
+                    out = self.blocks[kind](*fresh_args, **fresh_kwargs)
+                    outputs = list(out) if isinstance(out, (tuple, list)) else [out]
+                    captured = capture.aggregated()  # the captured double block's differentiable maps
+                    if captured is not None:
+                        outputs.append(captured)
+                finally:
+                    capture.guided, capture.forward = False, None
+                    capture.begin_evaluation()
+            if not backward:
+                return outputs
+            leaves = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.requires_grad]
+            outputs = [o for o in outputs if o.requires_grad]
+            if kind not in self.cotangents:
+                generator = torch.Generator().manual_seed(5)
+                self.cotangents[kind] = [torch.randn(o.shape, generator=generator).to(o) for o in outputs]
+            return torch.autograd.grad(outputs, leaves, self.cotangents[kind])
+
+    def operations(self) -> dict:
+        """Timed: forward (plain), forward + backward (guided: default pass; stored = feed-forwards stored, as in
+        the stored and full passes)."""
+        return {"double_forward": lambda: self.forward("double"),
+                "single_forward": lambda: self.forward("single"),
+                "double_guided": lambda: self.guided("double", True),
+                "double_guided_stored": lambda: self.guided("double", False),
+                "double_guided_no_maps": lambda: self.guided("double", False, maps=False),
+                "single_guided": lambda: self.guided("single", False)}
+
+    def forwards(self) -> dict:
+        """What each guided block forward keeps for its backward (measured while its outputs are alive)."""
+        return {"double_guided": lambda: self.guided("double", True, backward=False),
+                "double_guided_stored": lambda: self.guided("double", False, backward=False),
+                "single_guided": lambda: self.guided("single", False, backward=False)}
+
+
 def first_guided_gradient(model, positive, negative, subjects, args):
     """dL/dx of the first guided step (A&E loss) as the guided sampler computes it, through ComfyUI's sampling
     set-up (so the model is loaded as the host decides: fully, or partially with --lowvram)."""
@@ -224,7 +441,7 @@ def first_guided_gradient(model, positive, negative, subjects, args):
         return original(self, x, total, sigma, step_size, active)
 
     original = sampler_module.GuidanceRun.update
-    latent = torch.zeros(1, 4, args.latent, args.latent)
+    latent = torch.zeros(1, latent_channels(model), args.latent, args.latent)
     noise = comfy.sample.prepare_noise(latent, 0)
     config = sampler_module.GuidanceConfig(refinement=(), guidance_end=1.0)  # the one step given
     sampler = sampler_module.AttentionSampler(comfy.samplers.sampler_object("euler"), subjects, config,
@@ -234,8 +451,8 @@ def first_guided_gradient(model, positive, negative, subjects, args):
     sampler_module.GuidanceRun.update = update
     try:
         with torch.inference_mode():
-            comfy.sample.sample_custom(model, noise, 7.5, sampler, sigmas, positive, negative, latent,
-                                       disable_pbar=True, seed=0)
+            comfy.sample.sample_custom(model, noise, CFG[FAMILY[args.worker]], sampler, sigmas, positive, negative,
+                                       latent, disable_pbar=True, seed=0)
     finally:
         sampler_module.GuidanceRun.update = original
     return grads[0]
@@ -285,9 +502,11 @@ def measure_steps(model, positive, negative, subjects, args, results: dict) -> N
         s_in = torch.ones(noise.shape[0], device=noise.device)
         model_sampling = model_wrap.inner_model.model_sampling
         x = model_sampling.noise_scaling(sigma, noise, latent_image)
-        layers, resolution = pack_module("attention_patch.unet").select_layers(model_wrap.inner_model.diffusion_model, noise.shape, 0)
+        layout = pack_module("attention_patch.families").select_capture(model_wrap.inner_model.diffusion_model,
+                                                                        noise.shape)
+        layers, resolution = layout.units, layout.resolution
         binding = sampler_module.bind_subjects(subjects, model_wrap.conds)
-        capture = capture_module.AttentionCapture(layers, resolution, binding.cond.get("uuid"))
+        capture = capture_module.AttentionCapture.for_layout(layout, binding.cond.get("uuid"))
         options = capture.install(extra_args["model_options"])
         model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
         model_k.latent_image, model_k.noise = latent_image, noise
@@ -315,10 +534,23 @@ def measure_steps(model, positive, negative, subjects, args, results: dict) -> N
             operation()
         results["attention_resolution"] = list(resolution)
         results["captured_layers"] = len(layers)
+        blocks = None
+        if args.worker in BLOCK_COST_MODELS:
+            blocks = FluxBlocks(model_wrap.inner_model.diffusion_model, capture, operations["plain"],
+                                lambda: runs["guide_full"].guide(x, step, sigma))
+            results["blocks"] = [len(blocks.model.double_blocks), len(blocks.model.single_blocks)]
         if args.measure == "memory":
             results["peak_bytes"] = {name: peak(operation) for name, operation in operations.items()}
             results["peak_bytes_repeat"] = {name: peak(operation) for name, operation in operations.items()}
+            if blocks is not None:
+                results["block_kept_bytes"] = {name: peak.retained(operation)
+                                               for name, operation in blocks.forwards().items()}
+                results["block_peak_bytes"] = {name: peak(operation) for name, operation in blocks.operations().items()}
             return
+        if blocks is not None:
+            operations.update({f"block_{name}": operation for name, operation in blocks.operations().items()})
+            for name, operation in blocks.operations().items():  # warm-up
+                operation()
         times = {name: [] for name in operations}
         for _ in range(args.reps):  # interleaved, so drift of a shared machine hits all alike
             for name, operation in operations.items():
@@ -328,8 +560,8 @@ def measure_steps(model, positive, negative, subjects, args, results: dict) -> N
 
         grads = {}
         cast_weights = pack_module("guidance.cast_weights")
-        with torch.inference_mode(False), torch.enable_grad(), cast_weights.per_call_weights(
-                model_wrap.inner_model.diffusion_model):
+        with torch.inference_mode(False), torch.enable_grad(), pack_module("attention_patch.dit").differentiable_host(), \
+                cast_weights.per_call_weights(model_wrap.inner_model.diffusion_model):
             for name, run in runs.items():
                 latent = x.detach().clone().requires_grad_(True)
                 total, _terms, _maps = run.loss(latent, sigma)
@@ -339,13 +571,17 @@ def measure_steps(model, positive, negative, subjects, args, results: dict) -> N
                                        for name in ("guide", "guide_stored")}
         results["grad_max_abs"] = float(grads["guide_full"].abs().max())
 
-    latent = torch.zeros(1, 4, args.latent, args.latent)
+    latent = torch.zeros(1, latent_channels(model), args.latent, args.latent)
     noise = comfy.sample.prepare_noise(latent, 0)
     sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler="euler",
                                      scheduler="normal", denoise=1.0, model_options=model.model_options).sigmas
     with torch.inference_mode():  # as ComfyUI's executor runs every node
-        comfy.sample.sample_custom(model, noise, 7.5, _Probe(body), sigmas, positive, negative, latent,
-                                   disable_pbar=True, seed=0)
+        comfy.sample.sample_custom(model, noise, CFG[FAMILY[args.worker]], _Probe(body), sigmas, positive, negative,
+                                   latent, disable_pbar=True, seed=0)
+
+
+def latent_channels(model) -> int:
+    return int(model.model.latent_format.latent_channels)
 
 
 def measure_parity(model, positive, negative, subjects, args, results: dict) -> None:
@@ -354,13 +590,14 @@ def measure_parity(model, positive, negative, subjects, args, results: dict) -> 
 
     import nodes
     ksampler = pack_module("nodes.sampler").AttentionKSampler
-    latent = {"samples": torch.zeros(1, 4, args.latent, args.latent)}
+    latent = {"samples": torch.zeros(1, latent_channels(model), args.latent, args.latent)}
     steps = args.parity_steps
+    cfg = CFG[FAMILY[args.worker]]
     clock = Clock(args.device)
     runs = {
-        "ksampler": lambda: nodes.common_ksampler(model, 0, steps, 7.5, "euler", "normal", positive, negative,
+        "ksampler": lambda: nodes.common_ksampler(model, 0, steps, cfg, "euler", "normal", positive, negative,
                                                   latent)[0]["samples"],
-        "attention_ksampler": lambda: ksampler.execute(model, 0, steps, 7.5, "euler", "normal", positive, negative,
+        "attention_ksampler": lambda: ksampler.execute(model, 0, steps, cfg, "euler", "normal", positive, negative,
                                                        latent, 1.0, subjects, 0, False).args[0]["samples"],
     }
     times = {name: [] for name in runs}
@@ -382,6 +619,9 @@ def measure_reference(model, subjects, args, results: dict) -> None:
         import diffusers  # noqa: F401
     except ImportError:
         results["reference"] = "n/a: diffusers is not installed"
+        return
+    if FAMILY[args.worker] in ("sd3", "flux"):
+        results["reference"] = "n/a: diffusers has no Attend-and-Excite pipeline for SD3 or Flux"
         return
     if model.model.model_config.unet_config.get("adm_in_channels"):
         results["reference"] = "n/a: diffusers has no Attend-and-Excite pipeline for SDXL"
@@ -434,14 +674,16 @@ def measure_reference(model, subjects, args, results: dict) -> None:
 
 
 def worker(args) -> int:
-    boot_host(args.device, args.host_args.split())
+    boot_host(args.device, args.host_args.split() + (["--use-pytorch-cross-attention"] if args.pytorch_attention else []))
+    import comfy.ldm.modules.attention
     import comfy.utils
     import torch
     comfy.utils.PROGRESS_BAR_ENABLED = False
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    results: dict = {"model": args.worker, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    results: dict = {"model": args.worker, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                     "dtype": args.dtype, "attention": comfy.ldm.modules.attention.optimized_attention.__name__}
     model, positive, negative, subjects = build_model(args.worker, args.device, args.dtype, args.weights,
                                                       args.weight_format)
     results["weight_format"] = args.weight_format
@@ -480,12 +722,15 @@ def run_worker(name: str, args, reps: int, parity_reps: int, parity_steps: int, 
                weight_format: str) -> dict:
     """One model in a fresh process: times (and parity, reference, gradient checks) or memory."""
     latent = args.tiny_latent if name.startswith("tiny-") else args.latent
+    dtype = args.dit_dtype if name in FULL_DIT else args.dtype
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--measure", measure,
-               "--device", args.device, "--dtype", args.dtype, "--latent", str(latent), "--weights", args.weights,
+               "--device", args.device, "--dtype", dtype, "--latent", str(latent), "--weights", args.weights,
                "--reps", str(reps), "--parity-reps", str(parity_reps), "--parity-steps", str(parity_steps),
                "--weight-format", weight_format, f"--host-args={args.host_args}"]
     if not args.reference:
         command.append("--no-reference")
+    if args.pytorch_attention:
+        command.append("--pytorch-attention")
     if args.threads:
         command += ["--threads", str(args.threads)]
     env = dict(os.environ)
@@ -514,6 +759,20 @@ def report(all_results: list[dict], args) -> str:
              "stored = truncated, feed-forward activations stored; full = full UNet forward + backward, all stored",
              f"{'model':<10} {'reps':>4} {'plain':>8} {'guide':>8} {'stored':>8} {'full':>8} {'ovh':>6} "
              f"{'ovh-st':>6} {'ovh-full':>8} {'ref-ovh':>7} {'ours/ref':>8}  grad rel err (guide, stored vs full)"]
+    dits = [r["model"] for r in all_results if r["model"] in DIT_MODELS]
+    if dits or args.pytorch_attention:
+        attention = sorted({r.get("attention", "?") for r in all_results})
+        lines[0] = lines[0].replace(" threads,", f" threads, host attention {', '.join(attention)}"
+                                               f"{' (--use-pytorch-cross-attention)' if args.pytorch_attention else ''},")
+    if dits:
+        full_dits = [m for m in dits if m in FULL_DIT]
+        if full_dits:
+            lines[0] = lines[0].replace(" (full models)", f" (full models; {', '.join(full_dits)}: {args.dit_dtype})")
+        lines[0] = lines[0].replace("UNet built", "models built")
+        lines[5] = lines[5].replace("full UNet forward", "full model forward")
+        lines[1:1] = ["DiT models (" + ", ".join(dits) + "): plain = one CFG evaluation as the family samples, SD3 cond + "
+                      f"uncond (cfg {CFG['sd3']}), Flux.1 dev the cond alone (cfg {CFG['flux']}, guidance "
+                      f"{FLUX_GUIDANCE}); captured blocks: SD3 every joint block, Flux its double blocks"]
     checks = []
     for r in all_results:
         s = r["seconds"]
@@ -562,6 +821,10 @@ def report(all_results: list[dict], args) -> str:
         else:
             lines.append(f"{r['model']:<10} " + " ".join(f"{c:>11}" for c in cells) + "  (n/a)")
 
+    for r in all_results:
+        if "blocks" in r and "block_double_forward" in r["seconds"]:
+            lines += [""] + block_report(r, checks)
+
     lines += ["", "unguided sampling: Attention KSampler (record_maps off, no guidance) vs KSampler, s/step",
               f"{'model':<10} {'reps':>4} {'steps':>5} {'KSampler':>9} {'ours':>9} {'ratio':>7}  max |diff|"]
     for r in all_results:
@@ -578,6 +841,64 @@ def report(all_results: list[dict], args) -> str:
     lines += ["", "targets:"]
     lines += [f"  {'PASS' if ok else 'FAIL'}  {what}: {detail}" for what, ok, detail in checks]
     return "\n".join(lines)
+
+
+def block_report(r: dict, checks: list) -> list[str]:
+    """flux-width's per-block costs, and its step times and memory extrapolated to Flux.1's 19 double + 38 single
+    blocks (each extra block costs what the measured one does: same width, same tokens)."""
+    s = r["seconds"]
+    doubles, singles = r["blocks"]
+    extra_d, extra_s = FLUX1_BLOCKS[0] - doubles, FLUX1_BLOCKS[1] - singles
+    d, sb = s["block_double_forward"], s["block_single_forward"]
+    g, g_st, g_s = s["block_double_guided"], s["block_double_guided_stored"], s["block_single_guided"]
+    rest = s["plain"] - doubles * d - singles * sb
+    plain = s["plain"] + extra_d * d + extra_s * sb
+    guided = {"guide": s["guide"] + extra_d * g, "guide_stored": s["guide_stored"] + extra_d * g_st,
+              "guide_full": s["guide_full"] + extra_d * g_st + extra_s * g_s}
+    name = r["model"]
+    lines = [f"per block ({name}: Flux.1's blocks at full width, {doubles} double + {singles} single; s, medians): "
+             "forward as a plain step runs it; fwd+bwd as the guided pass runs it",
+             f"{'model':<10} {'double':>8} {'single':>8} {'double fwd+bwd':>14} {'(stored)':>9} {'(no maps)':>9} "
+             f"{'single fwd+bwd':>14} {'rest of plain':>13}",
+             f"{name:<10} {d:>8.3f} {sb:>8.3f} {g:>14.3f} {g_st:>9.3f} {s.get('block_double_guided_no_maps', 0):>9.3f} "
+             f"{g_s:>14.3f} {rest:>13.3f}",
+             "  (double fwd+bwd: the captured block with its differentiable maps, feed-forwards recomputed (default) or",
+             "   stored (as in the stored and full passes), or stored and without the maps (what they cost);",
+             "   rest of plain = plain - the blocks: embeddings, final layer, the sampler's CFG function)",
+             f"extrapolated to Flux.1 ({FLUX1_BLOCKS[0]} double + {FLUX1_BLOCKS[1]} single blocks): plain = rest + "
+             f"{FLUX1_BLOCKS[0]} x double + {FLUX1_BLOCKS[1]} x single;",
+             f"  guide, stored = the measured pass + {extra_d} more double blocks' fwd+bwd (the truncated pass runs "
+             f"the embeddings and the {FLUX1_BLOCKS[0]} double blocks);",
+             f"  full = the measured full pass + {extra_d} double + {extra_s} single blocks' fwd+bwd",
+             f"{'model':<10} {'plain':>8} {'guide':>8} {'stored':>8} {'full':>8} {'ovh':>6} {'ovh-st':>6} "
+             f"{'ovh-full':>8}",
+             f"{'Flux.1':<10} {plain:>8.3f} {guided['guide']:>8.3f} {guided['guide_stored']:>8.3f} "
+             f"{guided['guide_full']:>8.3f} {guided['guide'] / plain:>6.2f} {guided['guide_stored'] / plain:>6.2f} "
+             f"{guided['guide_full'] / plain:>8.2f}"]
+    checks.append((f"{name} extrapolated to Flux.1: guided step overhead <= 1.0x a plain step",
+                   guided["guide"] / plain <= 1.0,
+                   f"{guided['guide'] / plain:.2f} ({guided['guide']:.2f} s vs {plain:.2f} s)"))
+    kept = r.get("block_kept_bytes")
+    if kept and all(v is not None for v in kept.values()):
+        p, q = r["peak_bytes"], r["peak_bytes_repeat"]
+        peak = {k: max(p[k], q[k]) for k in ("guide", "guide_stored", "guide_full")}
+        memory = {"guide": peak["guide"] + extra_d * kept["double_guided"],
+                  "guide_stored": peak["guide_stored"] + extra_d * kept["double_guided_stored"],
+                  "guide_full": peak["guide_full"] + extra_d * kept["double_guided_stored"]
+                  + extra_s * kept["single_guided"]}
+        block_peaks = r.get("block_peak_bytes") or {}
+        lines += [f"memory a block's guided forward keeps for its backward, MiB: double {mib(kept['double_guided'])} "
+                  f"(stored {mib(kept['double_guided_stored'])}), single {mib(kept['single_guided'])}; peak of one "
+                  f"block's fwd+bwd: double {mib(block_peaks.get('double_guided'))}, single "
+                  f"{mib(block_peaks.get('single_guided'))}",
+                  "extrapolated peak memory = the measured peak + the extra blocks' kept memory, MiB: "
+                  f"guide {mib(memory['guide'])}, stored {mib(memory['guide_stored'])}, full "
+                  f"{mib(memory['guide_full'])}; guide/full {memory['guide'] / memory['guide_full']:.2f}, "
+                  f"stored/full {memory['guide_stored'] / memory['guide_full']:.2f}"]
+        ratio = memory["guide"] / memory["guide_full"]
+        checks.append((f"{name} extrapolated to Flux.1: guided-pass peak memory <= 0.6x the full-pass backward's",
+                       ratio <= 0.6, f"{ratio:.2f}"))
+    return lines
 
 
 def _ratio(a, b) -> str:
@@ -597,7 +918,7 @@ def format_report(all_results: list[dict], args) -> str:
              " pass's peak memory / the base run's)"]
     checks = []
     for r in all_results:
-        base = next(b for b in all_results if b["model"] == r["model"] and b["weight_format"] == args.dtype)
+        base = next(b for b in all_results if b["model"] == r["model"] and b["weight_format"] == b.get("dtype", args.dtype))
         peak = max(r["peak_bytes"]["guide"], r["peak_bytes_repeat"]["guide"])
         base_peak = max(base["peak_bytes"]["guide"], base["peak_bytes_repeat"]["guide"])
         weights = r.get("weight_bytes") or base.get("weight_bytes") or float("nan")
@@ -634,10 +955,14 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="full models' weights (default fp32 cpu, fp16 cuda)")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma separated, from {', '.join(MODELS)}")
+    parser.add_argument("--models", help=f"comma separated, from {', '.join(MODELS)} (default: "
+                        f"{','.join(DEFAULT_MODELS)}; --quick: tiny-sd15,tiny-sdxl)")
     parser.add_argument("--quick", action="store_true", help="tiny models only, few repetitions (< 1 minute)")
     parser.add_argument("--reps", type=int, help="repetitions, tiny models (default 7, --quick 3)")
-    parser.add_argument("--full-reps", type=int, default=3, help="repetitions, full SD1.5")
+    parser.add_argument("--full-reps", type=int, default=3, help="repetitions, full SD1.5, SD3.5 and flux-width")
+    parser.add_argument("--dit-dtype", choices=tuple(DTYPES), default="bf16",
+                        help="weights and compute of the full-size DiT models (sd35, flux-width; default bf16, as "
+                             "SD3.5 and Flux.1 run: the weights take half of fp32's memory)")
     parser.add_argument("--sdxl-reps", type=int, default=2, help="repetitions, full SDXL")
     parser.add_argument("--parity-steps", type=int, help="steps per parity run (default: tiny 10, full 2)")
     parser.add_argument("--latent", type=int, default=64, help="latent side of the full models (64 = 512 px)")
@@ -654,6 +979,10 @@ def main(argv=None) -> int:
     parser.add_argument("--host-args", default="",
                         help="ComfyUI options for the workers, e.g. '--lowvram' or '--reserve-vram 100' (layers "
                              "stream; the gradient is then checked against the fully loaded one)")
+    parser.add_argument("--pytorch-attention", action="store_true",
+                        help="ComfyUI's --use-pytorch-cross-attention in the workers: torch's scaled_dot_product_attention, "
+                             "what ComfyUI runs on GPUs (on the CPU its default is the sub-quadratic attention, whose "
+                             "backward keeps every chunk's probabilities)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--save", type=Path, help="also write the report to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -674,7 +1003,8 @@ def main(argv=None) -> int:
     if formats != [args.dtype] and args.dtype not in formats:
         formats.insert(0, args.dtype)  # the baseline the other formats are compared with
 
-    models = ["tiny-sd15", "tiny-sdxl"] if args.quick else args.models.split(",")
+    models = args.models.split(",") if args.models else (["tiny-sd15", "tiny-sdxl"] if args.quick
+                                                         else list(DEFAULT_MODELS))
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         parser.error(f"unknown models {unknown}; valid: {', '.join(MODELS)}")
@@ -687,13 +1017,14 @@ def main(argv=None) -> int:
         else:
             reps = args.sdxl_reps if name == "sdxl" else args.full_reps
             parity_reps, steps = reps, args.parity_steps or 2
-        for weight_format in formats:
+        # the full-size DiT models run in --dit-dtype (other weight formats are compared on the other models)
+        for weight_format in ([args.dit_dtype] if name in FULL_DIT else formats):
             print(f"{name} ({weight_format}): {reps} reps ...", file=sys.stderr, flush=True)
             result = run_worker(name, args, reps, parity_reps, steps, "time", weight_format)
             result.update(run_worker(name, args, reps, 0, steps, "memory", weight_format))
             result["parity_steps"] = steps
             all_results.append(result)
-    text = report([r for r in all_results if r["weight_format"] == args.dtype] or all_results, args)
+    text = report([r for r in all_results if r["weight_format"] == r.get("dtype", args.dtype)] or all_results, args)
     if len(formats) > 1 or args.host_args:
         text += "\n\n" + format_report(all_results, args)
     emit(text + f"\n\ntotal wall time {time.perf_counter() - started:.0f} s", args.save)
