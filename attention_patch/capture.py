@@ -130,6 +130,7 @@ class AttentionCapture:
         self.recording = False      # record in the sampler's own passes
         self.guided = False         # inside a guided (autograd) pass
         self.truncate = False       # stop a guided pass after the last captured layer
+        self.recompute_attention = False  # DiT guided passes: the host attention recomputed in the backward
         self.forward = None         # DiT: what the model call being evaluated holds (dit.ForwardState)
         self._sum: torch.Tensor | None = None
         self._heads = 0
@@ -196,6 +197,12 @@ class AttentionCapture:
     def install(self, model_options: dict) -> dict:
         """A copy of model_options with the capture installed on the captured units (by the model's family)."""
         return self.family.install(self, model_options)
+
+    def recompute_defaults(self) -> tuple[bool, bool]:
+        """What the family's guided pass recomputes by default: (feed-forwards, host attention)."""
+        if self.family_impl is not None:
+            return self.family_impl.recompute_feedforward, self.family_impl.recompute_attention
+        return True, False
 
     def feedforwards(self, diffusion_model) -> list[torch.nn.Module]:
         """The feed-forward modules whose activations a guided pass may recompute instead of storing."""

@@ -69,11 +69,19 @@ class Family:
     def feedforwards(self, diffusion_model) -> list[torch.nn.Module]:
         return []
 
+    # What the guided pass recomputes in its backward by default (GuidanceConfig's None), chosen by measurement
+    # (benchmarks/guidance_cost.py): recomputing trades time for memory.
+    recompute_feedforward = True
+    recompute_attention = False
+
 
 class MMDiTFamily(Family):
     """SD3 / SD3.5 (medium: MMDiT-X, large): joint blocks, no block index in transformer_options (calls are
     counted); SD3.5 medium's extra image-only self-attention has keys of image length and is not a joint call."""
     name = "sd3"
+    # every joint block is read, so truncation saves nothing: the host attention's saved probabilities
+    # ([heads, L, L] per block, sub-quadratic attention's backward) are most of what the pass keeps
+    recompute_attention = True
 
     def matches(self, diffusion_model) -> bool:
         from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
@@ -98,6 +106,9 @@ class FluxFamily(Family):
     """Flux.1 (dev, schnell) and Chroma: double-stream blocks, then single-stream blocks; ComfyUI puts
     `block_type` and `block_index` in transformer_options."""
     name = "flux"
+    # the truncated pass already keeps 0.35x a full backward's memory; recomputing the double blocks'
+    # feed-forwards saves 12% more of it for 25% more time, which would take a guided step above a plain one
+    recompute_feedforward = False
 
     def matches(self, diffusion_model) -> bool:
         from comfy.ldm.flux.layers import DoubleStreamBlock
@@ -228,10 +239,31 @@ def _heads_first(tensor: torch.Tensor, heads: int, skip_reshape: bool) -> torch.
     return tensor.reshape(batch, length, heads, inner // heads).transpose(1, 2)
 
 
+def _recomputed_host(host, args):
+    """The host attention of a guided pass, its saved tensors dropped and recomputed in the backward (it is a
+    pure function of q, k, v: no in-place update, no RNG at inference)."""
+    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+
+    def body(*values):
+        from ..guidance.differentiable import GuidedPassMode  # the guidance imports the capture, not back
+        rebuilt = list(args)
+        for i, value in zip(tensors, values):
+            rebuilt[i] = value
+        # recomputed in the backward, outside the pass's own mode: the same mode again, as feed-forwards do
+        with GuidedPassMode(protect_saved=False):
+            return host(rebuilt)
+    return checkpoint(body, *(args[i] for i in tensors), use_reentrant=False, preserve_rng_state=False)
+
+
 def record_joint_attention(capture, func, inner, args, kwargs):
     """One call of `optimized_attention` during a captured run (the override's body)."""
+    def call(values):
+        return inner(func, *values, **kwargs) if inner is not None else func(*values, **kwargs)
+
     def host():
-        return inner(func, *args, **kwargs) if inner is not None else func(*args, **kwargs)
+        if capture.guided and capture.recompute_attention and torch.is_grad_enabled():
+            return _recomputed_host(call, args)
+        return call(args)
     state = capture.forward
     transformer_options = kwargs.get("transformer_options") or {}
     if state is None or len(args) < 2:

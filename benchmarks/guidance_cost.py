@@ -389,7 +389,7 @@ class FluxBlocks:
             with differentiable.GuidedPassMode(set()), differentiable.recompute_feedforward(
                     self.model, recompute, capture.feedforwards(self.model)):
                 capture.begin_evaluation()
-                capture.guided, capture.truncate = True, False
+                capture.guided, capture.truncate, capture.recompute_attention = True, False, recompute
                 capture.forward = copy.copy(state) if maps else None  # None: the override runs the host's alone
                 try:
                     fresh_args, fresh_kwargs = self._fresh(args, kwargs)  # clones of the leaves: on their path
@@ -411,18 +411,18 @@ class FluxBlocks:
             return torch.autograd.grad(outputs, leaves, self.cotangents[kind])
 
     def operations(self) -> dict:
-        """Timed: forward (plain), forward + backward (guided: default pass; stored = feed-forwards stored, as in
-        the stored and full passes)."""
+        """Timed: forward (plain), forward + backward (guided: on = feed-forwards and attention recomputed; stored,
+        as Flux's default and the full pass run it)."""
         return {"double_forward": lambda: self.forward("double"),
                 "single_forward": lambda: self.forward("single"),
-                "double_guided": lambda: self.guided("double", True),
+                "double_guided_on": lambda: self.guided("double", True),
                 "double_guided_stored": lambda: self.guided("double", False),
                 "double_guided_no_maps": lambda: self.guided("double", False, maps=False),
                 "single_guided": lambda: self.guided("single", False)}
 
     def forwards(self) -> dict:
         """What each guided block forward keeps for its backward (measured while its outputs are alive)."""
-        return {"double_guided": lambda: self.guided("double", True, backward=False),
+        return {"double_guided_on": lambda: self.guided("double", True, backward=False),
                 "double_guided_stored": lambda: self.guided("double", False, backward=False),
                 "single_guided": lambda: self.guided("single", False, backward=False)}
 
@@ -512,14 +512,15 @@ def measure_steps(model, positive, negative, subjects, args, results: dict) -> N
         model_k.latent_image, model_k.noise = latent_image, noise
         record = record_module.AttentionRecord(subjects, resolution, total_steps=steps)
         config = sampler_module.GuidanceConfig(loss_weights={"attend_and_excite": 1.0}, refinement=())
-        variants = {  # (truncate_pass, recompute_feedforward)
-            "guide": (True, True),          # the pack's default
-            "guide_stored": (True, False),  # truncated, feed-forward activations stored
+        variants = {  # (truncate_pass, recompute: None = the family's choice, or feed-forwards and attention both)
+            "guide": (True, None),          # the pack's default
+            "guide_stored": (True, False),  # truncated, activations stored
             "guide_full": (False, False),   # the naive full-pass backward (what the reference pays)
         }
         runs = {name: sampler_module.GuidanceRun(
                     model_k, options, capture, binding,
-                    dataclasses.replace(config, truncate_pass=truncate, recompute_feedforward=recompute), record, steps)
+                    dataclasses.replace(config, truncate_pass=truncate, recompute_feedforward=recompute,
+                                        recompute_attention=recompute), record, steps)
                 for name, (truncate, recompute) in variants.items()}
         if args.weight_format != args.dtype:  # the same pass with autograd keeping the cast weights (no re-cast)
             runs["guide_kept"] = sampler_module.GuidanceRun(model_k, options, capture, binding,
@@ -539,6 +540,7 @@ def measure_steps(model, positive, negative, subjects, args, results: dict) -> N
             blocks = FluxBlocks(model_wrap.inner_model.diffusion_model, capture, operations["plain"],
                                 lambda: runs["guide_full"].guide(x, step, sigma))
             results["blocks"] = [len(blocks.model.double_blocks), len(blocks.model.single_blocks)]
+            results["recompute_default"] = list(capture.recompute_defaults())  # (feed-forwards, attention)
         if args.measure == "memory":
             results["peak_bytes"] = {name: peak(operation) for name, operation in operations.items()}
             results["peak_bytes_repeat"] = {name: peak(operation) for name, operation in operations.items()}
@@ -674,7 +676,15 @@ def measure_reference(model, subjects, args, results: dict) -> None:
 
 
 def worker(args) -> int:
-    boot_host(args.device, args.host_args.split() + (["--use-pytorch-cross-attention"] if args.pytorch_attention else []))
+    if args.pytorch_attention:
+        # ComfyUI reads its options from comfy.cli_args when comfy.model_management is imported; the boot imports
+        # cli_args without parsing a command line, so the option is set on it before the boot
+        host = str(find_host())
+        if host not in sys.path:
+            sys.path.insert(0, host)
+        from comfy.cli_args import args as host_options
+        host_options.use_pytorch_cross_attention = True
+    boot_host(args.device, args.host_args.split())
     import comfy.ldm.modules.attention
     import comfy.utils
     import torch
@@ -755,15 +765,16 @@ def report(all_results: list[dict], args) -> str:
              "medians; A&E loss, no refinement",
              "",
              "seconds per step; overhead = guided step / plain step (what a guided step adds to a plain step)",
-             "guide = the pack's default guided pass (truncated, feed-forward recomputed in the backward);",
-             "stored = truncated, feed-forward activations stored; full = full UNet forward + backward, all stored",
+             "guide = the pack's default guided pass (truncated; recomputed in the backward: UNets their feed-forwards, "
+             "SD3 feed-forwards and attention, Flux nothing);",
+             "stored = truncated, activations stored; full = full model forward + backward, all stored",
              f"{'model':<10} {'reps':>4} {'plain':>8} {'guide':>8} {'stored':>8} {'full':>8} {'ovh':>6} "
              f"{'ovh-st':>6} {'ovh-full':>8} {'ref-ovh':>7} {'ours/ref':>8}  grad rel err (guide, stored vs full)"]
     dits = [r["model"] for r in all_results if r["model"] in DIT_MODELS]
     if dits or args.pytorch_attention:
         attention = sorted({r.get("attention", "?") for r in all_results})
         lines[0] = lines[0].replace(" threads,", f" threads, host attention {', '.join(attention)}"
-                                               f"{' (--use-pytorch-cross-attention)' if args.pytorch_attention else ''},")
+                                               f"{' (--pytorch-attention)' if args.pytorch_attention else ''},")
     if dits:
         full_dits = [m for m in dits if m in FULL_DIT]
         if full_dits:
@@ -813,8 +824,9 @@ def report(all_results: list[dict], args) -> str:
         peak = {k: max(p[k], q[k]) if p[k] is not None else None for k in names}
         if peak["guide_full"]:
             ratio = peak["guide"] / peak["guide_full"]
-            checks.append((f"{r['model']}: guided-pass peak memory <= 0.6x the full-pass backward's", ratio <= 0.6,
-                           f"{ratio:.2f}"))
+            if r["model"] not in BLOCK_COST_MODELS:  # judged extrapolated to the whole model (block_report)
+                checks.append((f"{r['model']}: guided-pass peak memory <= 0.6x the full-pass backward's",
+                               ratio <= 0.6, f"{ratio:.2f}"))
             vs_plain = peak["guide"] / peak["plain"] if peak["plain"] else float("nan")
             lines.append(f"{r['model']:<10} {cells[0]:>11} {cells[1]:>11} {cells[2]:>11} {cells[3]:>11} {ratio:>10.2f} "
                          f"{peak['guide_stored'] / peak['guide_full']:>11.2f} {vs_plain:>11.2f}")
@@ -850,30 +862,37 @@ def block_report(r: dict, checks: list) -> list[str]:
     doubles, singles = r["blocks"]
     extra_d, extra_s = FLUX1_BLOCKS[0] - doubles, FLUX1_BLOCKS[1] - singles
     d, sb = s["block_double_forward"], s["block_single_forward"]
-    g, g_st, g_s = s["block_double_guided"], s["block_double_guided_stored"], s["block_single_guided"]
+    g_on, g_st, g_s = s["block_double_guided_on"], s["block_double_guided_stored"], s["block_single_guided"]
+    default_on = any(r.get("recompute_default", (False, False)))  # Flux's family default: store
+    g = g_on if default_on else g_st
     rest = s["plain"] - doubles * d - singles * sb
     plain = s["plain"] + extra_d * d + extra_s * sb
     guided = {"guide": s["guide"] + extra_d * g, "guide_stored": s["guide_stored"] + extra_d * g_st,
-              "guide_full": s["guide_full"] + extra_d * g_st + extra_s * g_s}
+              "guide_full": s["guide_full"] + extra_d * g_st + extra_s * g_s,
+              # not run as a whole pass: the stored pass with every double block as the "on" block costs
+              "guide_on": s["guide_stored"] + doubles * (g_on - g_st) + extra_d * g_on}
     name = r["model"]
     lines = [f"per block ({name}: Flux.1's blocks at full width, {doubles} double + {singles} single; s, medians): "
              "forward as a plain step runs it; fwd+bwd as the guided pass runs it",
-             f"{'model':<10} {'double':>8} {'single':>8} {'double fwd+bwd':>14} {'(stored)':>9} {'(no maps)':>9} "
+             f"{'model':<10} {'double':>8} {'single':>8} {'double fwd+bwd':>14} {'(on)':>9} {'(no maps)':>9} "
              f"{'single fwd+bwd':>14} {'rest of plain':>13}",
-             f"{name:<10} {d:>8.3f} {sb:>8.3f} {g:>14.3f} {g_st:>9.3f} {s.get('block_double_guided_no_maps', 0):>9.3f} "
-             f"{g_s:>14.3f} {rest:>13.3f}",
-             "  (double fwd+bwd: the captured block with its differentiable maps, feed-forwards recomputed (default) or",
-             "   stored (as in the stored and full passes), or stored and without the maps (what they cost);",
+             f"{name:<10} {d:>8.3f} {sb:>8.3f} {g_st:>14.3f} {g_on:>9.3f} "
+             f"{s.get('block_double_guided_no_maps', 0):>9.3f} {g_s:>14.3f} {rest:>13.3f}",
+             "  (double fwd+bwd: the captured block with its differentiable maps, activations stored (Flux's default,",
+             "   as in the stored and full passes), or with feed-forwards and attention recomputed in the backward",
+             "   (recompute_feedforward on), or stored and without the maps (what they cost);",
              "   rest of plain = plain - the blocks: embeddings, final layer, the sampler's CFG function)",
              f"extrapolated to Flux.1 ({FLUX1_BLOCKS[0]} double + {FLUX1_BLOCKS[1]} single blocks): plain = rest + "
              f"{FLUX1_BLOCKS[0]} x double + {FLUX1_BLOCKS[1]} x single;",
              f"  guide, stored = the measured pass + {extra_d} more double blocks' fwd+bwd (the truncated pass runs "
-             f"the embeddings and the {FLUX1_BLOCKS[0]} double blocks);",
+             f"the embeddings and the {FLUX1_BLOCKS[0]} double blocks); on = stored with every double block's "
+             "fwd+bwd as the (on) column's;",
              f"  full = the measured full pass + {extra_d} double + {extra_s} single blocks' fwd+bwd",
-             f"{'model':<10} {'plain':>8} {'guide':>8} {'stored':>8} {'full':>8} {'ovh':>6} {'ovh-st':>6} "
-             f"{'ovh-full':>8}",
+             f"{'model':<10} {'plain':>8} {'guide':>8} {'stored':>8} {'on':>8} {'full':>8} {'ovh':>6} {'ovh-st':>6} "
+             f"{'ovh-on':>6} {'ovh-full':>8}",
              f"{'Flux.1':<10} {plain:>8.3f} {guided['guide']:>8.3f} {guided['guide_stored']:>8.3f} "
-             f"{guided['guide_full']:>8.3f} {guided['guide'] / plain:>6.2f} {guided['guide_stored'] / plain:>6.2f} "
+             f"{guided['guide_on']:>8.3f} {guided['guide_full']:>8.3f} {guided['guide'] / plain:>6.2f} "
+             f"{guided['guide_stored'] / plain:>6.2f} {guided['guide_on'] / plain:>6.2f} "
              f"{guided['guide_full'] / plain:>8.2f}"]
     checks.append((f"{name} extrapolated to Flux.1: guided step overhead <= 1.0x a plain step",
                    guided["guide"] / plain <= 1.0,
@@ -882,19 +901,24 @@ def block_report(r: dict, checks: list) -> list[str]:
     if kept and all(v is not None for v in kept.values()):
         p, q = r["peak_bytes"], r["peak_bytes_repeat"]
         peak = {k: max(p[k], q[k]) for k in ("guide", "guide_stored", "guide_full")}
-        memory = {"guide": peak["guide"] + extra_d * kept["double_guided"],
+        kept_default = kept["double_guided_on"] if default_on else kept["double_guided_stored"]
+        memory = {"guide": peak["guide"] + extra_d * kept_default,
                   "guide_stored": peak["guide_stored"] + extra_d * kept["double_guided_stored"],
+                  "guide_on": peak["guide_stored"] + FLUX1_BLOCKS[0] * kept["double_guided_on"]
+                  - doubles * kept["double_guided_stored"],
                   "guide_full": peak["guide_full"] + extra_d * kept["double_guided_stored"]
                   + extra_s * kept["single_guided"]}
         block_peaks = r.get("block_peak_bytes") or {}
-        lines += [f"memory a block's guided forward keeps for its backward, MiB: double {mib(kept['double_guided'])} "
-                  f"(stored {mib(kept['double_guided_stored'])}), single {mib(kept['single_guided'])}; peak of one "
-                  f"block's fwd+bwd: double {mib(block_peaks.get('double_guided'))}, single "
-                  f"{mib(block_peaks.get('single_guided'))}",
+        lines += [f"memory a block's guided forward keeps for its backward, MiB: double "
+                  f"{mib(kept['double_guided_stored'])} (on {mib(kept['double_guided_on'])}), single "
+                  f"{mib(kept['single_guided'])}; peak of one block's fwd+bwd: double "
+                  f"{mib(block_peaks.get('double_guided_stored'))} (on {mib(block_peaks.get('double_guided_on'))}), "
+                  f"single {mib(block_peaks.get('single_guided'))}",
                   "extrapolated peak memory = the measured peak + the extra blocks' kept memory, MiB: "
-                  f"guide {mib(memory['guide'])}, stored {mib(memory['guide_stored'])}, full "
-                  f"{mib(memory['guide_full'])}; guide/full {memory['guide'] / memory['guide_full']:.2f}, "
-                  f"stored/full {memory['guide_stored'] / memory['guide_full']:.2f}"]
+                  f"guide {mib(memory['guide'])}, stored {mib(memory['guide_stored'])}, on {mib(memory['guide_on'])}, "
+                  f"full {mib(memory['guide_full'])}; guide/full {memory['guide'] / memory['guide_full']:.2f}, "
+                  f"stored/full {memory['guide_stored'] / memory['guide_full']:.2f}, "
+                  f"on/full {memory['guide_on'] / memory['guide_full']:.2f}"]
         ratio = memory["guide"] / memory["guide_full"]
         checks.append((f"{name} extrapolated to Flux.1: guided-pass peak memory <= 0.6x the full-pass backward's",
                        ratio <= 0.6, f"{ratio:.2f}"))

@@ -50,7 +50,10 @@ class GuidanceConfig:
     smoothing_sigma: float = 0.5
     retention_threshold: float = 0.5
     truncate_pass: bool = True
-    recompute_feedforward: bool = True  # guided pass: recompute feed-forward activations in the backward
+    # guided pass: recompute in the backward instead of storing (None: the model family's default, see
+    # Family.recompute_*): the feed-forward activations; the host attention's (DiT)
+    recompute_feedforward: bool | None = None
+    recompute_attention: bool | None = None
     retention_mask_method: str = "half_max"  # A-STAR's retention region: "half_max" or "otsu"
     recast_weights: bool = True  # guided pass: per-call weights made again in the backward (off: autograd keeps them)
 
@@ -164,19 +167,24 @@ class GuidanceRun:
         capture = self.capture
         capture.begin_evaluation()
         capture.guided, capture.truncate = True, self.config.truncate_pass
+        default_feedforward, default_attention = capture.recompute_defaults()
+        feedforward = default_feedforward if self.config.recompute_feedforward is None else \
+            self.config.recompute_feedforward
+        capture.recompute_attention = default_attention if self.config.recompute_attention is None else \
+            self.config.recompute_attention
         sigmas = sigma.reshape(-1)[:1].expand(x.shape[0]).to(x.dtype)
         self.residual_ids.clear()
         try:
             diffusion_model = self.inner_model.diffusion_model
             with GuidedPassMode(self.residual_ids), recompute_feedforward(
-                    diffusion_model, self.config.recompute_feedforward, capture.feedforwards(diffusion_model)):
+                    diffusion_model, feedforward, capture.feedforwards(diffusion_model)):
                 # only the subjects' cond: its maps are the ones guided, wherever it sits in the positive
                 comfy.samplers.calc_cond_batch(self.inner_model, [[self.cond]], self.model_input(x, sigmas), sigmas,
                                                self.model_options)
         except TruncatedPass:
             pass
         finally:
-            capture.guided = capture.truncate = False
+            capture.guided = capture.truncate = capture.recompute_attention = False
             self.residual_ids.clear()
         aggregated = capture.aggregated()
         capture.begin_evaluation()

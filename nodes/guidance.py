@@ -23,6 +23,21 @@ _TIPS = {
 }
 
 
+# recompute_feedforward: (feed-forwards, host attention) to recompute, None = the family's choice. It was a
+# boolean before DiT models came: a saved True (the default) is "auto", False is "off".
+RECOMPUTE = {"auto": (None, None), "on": (True, True), "off": (False, False)}
+_LEGACY_RECOMPUTE = {True: "auto", False: "off"}
+
+
+def recompute_choice(value) -> tuple[bool | None, bool | None]:
+    if isinstance(value, bool):
+        value = _LEGACY_RECOMPUTE[value]
+    if value not in RECOMPUTE:
+        raise ValueError(f"recompute_feedforward {value!r} is not one of {', '.join(RECOMPUTE)} (or true/false, "
+                         "as workflows saved before DiT support hold it)")
+    return RECOMPUTE[value]
+
+
 def parse_refinement(text: str) -> tuple[tuple[float, float], ...]:
     """'0.0:0.05, 0.2:0.5' -> ((0.0, 0.05), (0.2, 0.5)); an empty string turns refinement off."""
     pairs = []
@@ -79,10 +94,14 @@ class AttentionGuidance(io.ComfyNode):
                 io.Boolean.Input("truncate_pass", default=True, **ADVANCED,
                                  tooltip="Stop the guided forward after the last captured layer (same gradient, "
                                          "less time and memory)."),
-                io.Boolean.Input("recompute_feedforward", default=True, optional=True, **ADVANCED,
-                                 tooltip="Guided pass: recompute the transformer feed-forward activations during "
-                                         "the backward instead of storing them (same gradient; SDXL: 0.6x the "
-                                         "guided pass's memory for 20% more time per guided step)."),
+                io.Combo.Input("recompute_feedforward", options=list(RECOMPUTE), default="auto", optional=True,
+                               **ADVANCED,
+                               tooltip="Guided pass: recompute activations during the backward instead of storing "
+                                       "them (same gradient; less memory, more time). auto = the model family's "
+                                       "choice: SD1.x/SD2.x/SDXL and SD3 recompute the feed-forwards (SDXL: 0.6x "
+                                       "the memory for 20% more time), SD3 also its attention; Flux stores them "
+                                       "(its pass already stops before the single blocks). on = recompute the "
+                                       "feed-forwards, and on SD3/Flux the attention too; off = store both."),
                 *later,
                 io.Combo.Input("retention_mask", options=["half_max", "otsu"], default="half_max", optional=True,
                                **ADVANCED,
@@ -94,9 +113,18 @@ class AttentionGuidance(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, recompute_feedforward="auto"):
+        # named here, so ComfyUI leaves this input's list check to us: saved workflows hold a boolean
+        try:
+            recompute_choice(recompute_feedforward)
+        except ValueError as error:
+            return str(error)
+        return True
+
+    @classmethod
     def execute(cls, scale_factor, guidance_start, guidance_end, refinement, max_refinement_steps,
                 softmax_temperature, exclude_padding, smoothing_sigma, retention_threshold, truncate_pass,
-                recompute_feedforward=True, retention_mask="half_max", **weights) -> io.NodeOutput:
+                recompute_feedforward="auto", retention_mask="half_max", **weights) -> io.NodeOutput:
         loss_weights = {name: float(weights.get(f"{name}_weight", 0.0)) for name in LOSSES}
         if not any(loss_weights.values()):
             raise ValueError("Attention Guidance: every loss weight is 0, so nothing would be guided; set at least "
@@ -104,13 +132,14 @@ class AttentionGuidance(io.ComfyNode):
         if guidance_end <= guidance_start:
             raise ValueError(f"Attention Guidance: guidance_end ({guidance_end}) must be greater than guidance_start "
                              f"({guidance_start}); both are fractions of the sampling schedule")
+        feedforward, attention = recompute_choice(recompute_feedforward)
         config = GuidanceConfig(
             loss_weights=loss_weights, scale_factor=scale_factor, guidance_start=guidance_start,
             guidance_end=guidance_end, refinement=parse_refinement(refinement),
             max_refinement_steps=max_refinement_steps, temperature=softmax_temperature,
             exclude_padding=exclude_padding, smoothing_sigma=smoothing_sigma,
             retention_threshold=retention_threshold, truncate_pass=truncate_pass,
-            recompute_feedforward=recompute_feedforward, retention_mask_method=retention_mask)
+            recompute_feedforward=feedforward, recompute_attention=attention, retention_mask_method=retention_mask)
         return io.NodeOutput(config)
 
 

@@ -191,18 +191,25 @@ def _maps_functional(run, x, sigma, weights):
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
-def test_guided_gradient_equals_full_pass_and_finite_differences(dit_models, family):
-    """The truncated guided pass (Flux: no single block runs) gives the full pass's gradient, and the gradient of
-    the maps agrees with central finite differences along a random direction."""
+@pytest.mark.parametrize("recompute", [None, True, False], ids=["family-default", "recompute", "store"])
+def test_guided_gradient_equals_full_pass_and_finite_differences(dit_models, family, recompute):
+    """The truncated guided pass (Flux: no single block runs), with the family's recomputation or with
+    feed-forwards and host attention all recomputed or all stored, gives the gradient of the full pass with
+    everything stored, and the gradient of the maps agrees with central finite differences along a random
+    direction."""
     model, clip = dit_models(family)
-    config = GuidanceConfig(refinement=(), guidance_end=0.25)
+    config = GuidanceConfig(refinement=(), guidance_end=0.25, recompute_feedforward=recompute,
+                            recompute_attention=recompute)
 
     def inspect(run, x, total, sigma):
         truncated = torch.autograd.grad(total.sum(), [x], retain_graph=True)[0]
-        run.config = GuidanceConfig(refinement=(), guidance_end=0.25, truncate_pass=False)
+        chosen = run.config
+        run.config = GuidanceConfig(refinement=(), guidance_end=0.25, truncate_pass=False,
+                                    recompute_feedforward=False, recompute_attention=False)
         full_x = x.detach().clone().requires_grad_(True)
         full_total, _terms, _maps = run.loss(full_x, sigma)
         full = torch.autograd.grad(full_total.sum(), [full_x])[0]
+        run.config = chosen
         weights = torch.rand(run.forward_maps(x.detach(), sigma).shape, generator=torch.Generator().manual_seed(1),
                              dtype=torch.float64) - 0.5
         smooth_x = x.detach().clone().requires_grad_(True)
@@ -221,6 +228,37 @@ def test_guided_gradient_equals_full_pass_and_finite_differences(dit_models, fam
     assert full.abs().sum() > 0
     assert ((truncated - full).norm() / full.norm()).item() < 1e-5
     assert abs(analytic - numeric) <= 1e-3 * abs(numeric), (analytic, numeric)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_recomputed_host_attention_runs_again_in_the_backward(dit_models, family):
+    """With recompute_attention the host attention of the guided pass (through another pack's override, which
+    still runs) is called again during the backward, once per call of the forward; stored, it is not. The
+    families' defaults: SD3 recomputes it (every joint block is read), Flux does not."""
+    model, clip = dit_models(family)
+    spy = _Spy()
+    patched = model.clone()
+    patched.model_options["transformer_options"] = dict(patched.model_options.get("transformer_options", {}),
+                                                        optimized_attention_override=spy)
+    counts = {}
+
+    def inspect(run, x, total, sigma):
+        for recompute in (None, True, False):
+            run.config = GuidanceConfig(refinement=(), guidance_end=0.25, recompute_attention=recompute)
+            fresh = x.detach().clone().requires_grad_(True)
+            spy.calls.clear()
+            loss = run.loss(fresh, sigma)[0].sum()
+            forward = len(spy.calls)
+            grad = torch.autograd.grad(loss, [fresh])[0]
+            counts[recompute] = (forward, len(spy.calls) - forward, grad)
+
+    _guided_inspect(patched, clip, family, GuidanceConfig(refinement=(), guidance_end=0.25), inspect)
+    forward, again, recomputed = counts[True]
+    assert forward > 0 and again == forward
+    assert counts[False][1] == 0 and counts[False][0] == forward
+    assert counts[None][1] == (forward if family == "sd3" else 0)
+    stored = counts[False][2]
+    assert ((recomputed - stored).norm() / stored.norm()).item() < 1e-5
 
 
 def test_flux_guided_pass_runs_no_single_block(dit_models, monkeypatch):

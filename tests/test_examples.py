@@ -293,7 +293,7 @@ def test_binding_example_settings():
                        "attendance_weight": 0.0, "divide_and_bind_binding_weight": 0.0, "syngen_weight": 1.0,
                        "conform_weight": 0.0}
     assert (guidance["scale_factor"], guidance["guidance_end"], guidance["max_refinement_steps"],
-            guidance["recompute_feedforward"], guidance["retention_mask"]) == (20.0, 0.5, 20, True, "half_max")
+            guidance["recompute_feedforward"], guidance["retention_mask"]) == (20.0, 0.5, 20, "auto", "half_max")
     assert by_type["CheckpointLoaderSimple"]["ckpt_name"] == "v1-5-pruned-emaonly.safetensors"
     assert by_type["EmptyLatentImage"] == {"width": 512, "height": 512, "batch_size": 1}
     assert (by_type["AttnGuideKSampler"]["steps"], by_type["AttnGuideKSampler"]["cfg"]) == (50, 7.5)

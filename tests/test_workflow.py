@@ -113,3 +113,25 @@ def test_sampler_form_in_sampler_custom_advanced(runner):
     assert torch.allclose(out["custom"]["samples"], out["guided"]["samples"], rtol=1e-5, atol=1e-5)
     assert [e.step for e in out["custom_attention"].losses] == [0, 1]
     assert out["custom_attention"].steps == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("auto", (None, None)), ("on", (True, True)), ("off", (False, False)),
+    (True, (None, None)), (False, (False, False)),  # as workflows saved before DiT support hold it
+])
+def test_recompute_choice_and_saved_booleans(runner, value, expected):
+    """recompute_feedforward is a choice (auto = the model family's); a saved workflow's boolean still validates
+    through ComfyUI's executor and means what it meant where it meant anything (true, the old default: auto)."""
+    prompt = _workflow(guidance=True)
+    prompt["7"]["inputs"]["recompute_feedforward"] = value
+    config = runner.run({"7": prompt["7"], "10": {"class_type": "TestCapture",
+                                                  "inputs": {"label": "guidance", "value": ["7", 0]}}})["guidance"]
+    assert (config.recompute_feedforward, config.recompute_attention) == expected
+
+
+def test_bad_recompute_choice_is_a_clear_validation_error(runner):
+    prompt = _workflow(guidance=True)
+    prompt["7"]["inputs"]["recompute_feedforward"] = "fast"
+    with pytest.raises(AssertionError, match=r"recompute_feedforward 'fast' is not one of auto, on, off"):
+        runner.run({"7": prompt["7"], "10": {"class_type": "TestCapture",
+                                             "inputs": {"label": "guidance", "value": ["7", 0]}}})
