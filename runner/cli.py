@@ -23,7 +23,9 @@ weights (tiny_models.py) and gives LoadImage a synthetic line drawing, so the wh
 machine without downloads; the pictures are noise, the attention maps and guidance losses are
 computed for real. To stay quick on a CPU it also runs 20 steps at 256 px and caps refinement at 2
 iterations per refinement step (--steps, --size and --max-refinement override these; it says so when
-it does). On the CPU the runner picks torch's attention kernel (ComfyUI's default there is its
+it does). A loader that names the pack's own model (`world_sd15.safetensors`) is not swapped: --demo
+loads the shipped, trained world checkpoint (world/), at the workflow's own settings, so its pictures
+show what the guidance does (example_workflows/attend_and_excite_world.json). On the CPU the runner picks torch's attention kernel (ComfyUI's default there is its
 slower sub-quadratic one).
 
 Nothing here imports ComfyUI at module level: `--help` works without a host, and the host is booted
@@ -60,6 +62,8 @@ DEMO_STEPS = 20
 DEMO_MAX_REFINEMENT = 2
 DEFAULT_OUT_FOLDER = "attn_guide"  # under ComfyUI's output folder, where ComfyUI writes its own pictures
 WORKFLOW_SUFFIXES = (".json", ".png")
+# The pack's own small model, trained on flat shapes (world/): --demo loads it for real where a workflow names it
+WORLD_CHECKPOINT = "world_sd15.safetensors"
 DEMO_BANNER = ("DEMO MODE: tiny built-in models with RANDOM WEIGHTS. The images are noise and say nothing about "
                "quality; the attention maps and guidance losses are real computations on those random models.")
 
@@ -163,12 +167,23 @@ def demo_image(width: int = 512, height: int = 512):
     return picture
 
 
+def world_checkpoint() -> Path:
+    return Path(__file__).resolve().parent.parent / "world" / WORLD_CHECKPOINT
+
+
 def apply_demo(prompt: dict, family: str | None, input_dir: Path, say) -> str:
     """Swaps checkpoint and ControlNet loaders for the tiny models and gives every LoadImage a
-    synthetic picture in `input_dir`. Returns the family used."""
+    synthetic picture in `input_dir`. A loader that names the pack's world model keeps it: the shipped,
+    trained checkpoint is loaded (its folder registered with ComfyUI). Returns the family used ("world" when
+    every checkpoint is the world model)."""
     families = []
     for node_id, node in prompt.items():
-        if node["class_type"] in CHECKPOINT_LOADERS:
+        if node["class_type"] in CHECKPOINT_LOADERS and node["inputs"].get("ckpt_name") == WORLD_CHECKPOINT:
+            override_checkpoint({node_id: node}, str(world_checkpoint()))
+            families.append("world")
+            say(f"  demo: node {node_id} {node['class_type']} ({WORLD_CHECKPOINT!r}) -> the pack's own world model "
+                "(trained on flat coloured shapes: its pictures and maps mean something)")
+        elif node["class_type"] in CHECKPOINT_LOADERS:
             name = node["inputs"].get("ckpt_name", "")
             chosen = family or guess_family(name)
             families.append(chosen)
@@ -177,6 +192,10 @@ def apply_demo(prompt: dict, family: str | None, input_dir: Path, say) -> str:
     if not families:
         raise CliError(f"--demo swaps checkpoint loaders ({', '.join(CHECKPOINT_LOADERS)}) for tiny models, and "
                        "this workflow has none")
+    if set(families) == {"world"}:
+        return "world"
+    say(DEMO_BANNER)
+    families = [f for f in families if f != "world"]
     if len(set(families)) > 1 and family is None:
         say(f"  demo: the checkpoints suggest several families ({', '.join(sorted(set(families)))}); the tiny "
             f"ControlNet follows {families[0]} (use --family to choose)")
@@ -392,8 +411,6 @@ def run(options, say) -> RunResult:
     boot_host(comfyui, force_cpu=options.cpu, verbose=options.verbose)
     import comfy.model_management
     say(f"device: {comfy.model_management.get_torch_device()}")
-    if options.demo:
-        say(DEMO_BANNER)
     if out is None:
         out = default_out_dir()
     if not Path(options.workflow).expanduser().is_dir():
@@ -547,19 +564,23 @@ def run_workflow(source, options, out: Path, say) -> list[Path]:
             demo_inputs = scratch / "input"
             demo_inputs.mkdir()
             folder_paths.set_input_directory(str(demo_inputs))
-            apply_demo(prompt, options.family, demo_inputs, say)
-            if options.size is None:
-                options.size = (DEMO_SIZE, DEMO_SIZE)
-                say(f"  demo: images at {DEMO_SIZE}x{DEMO_SIZE} (--size to change)")
-            if options.steps is None:
-                options.steps = DEMO_STEPS
-                say(f"  demo: {DEMO_STEPS} steps (--steps to change; the guided range and refinement points are "
-                    "fractions of the steps)")
-            if options.max_refinement is None and any(n["class_type"] == GUIDANCE for n in prompt.values()):
-                options.max_refinement = DEMO_MAX_REFINEMENT
-                say(f"  demo: at most {DEMO_MAX_REFINEMENT} refinement iterations per refinement step: random "
-                    "weights never reach the thresholds, so refinement would always run to its cap "
-                    "(--max-refinement to change)")
+            if apply_demo(prompt, options.family, demo_inputs, say) != "world":
+                # tiny random models, kept quick; the world model runs at the settings the workflow saved
+                random_runs = getattr(options, "random_models", None)
+                if random_runs is not None:  # shared by a folder run's copies of the options
+                    random_runs.append(source.path.name)
+                if options.size is None:
+                    options.size = (DEMO_SIZE, DEMO_SIZE)
+                    say(f"  demo: images at {DEMO_SIZE}x{DEMO_SIZE} (--size to change)")
+                if options.steps is None:
+                    options.steps = DEMO_STEPS
+                    say(f"  demo: {DEMO_STEPS} steps (--steps to change; the guided range and refinement points are "
+                        "fractions of the steps)")
+                if options.max_refinement is None and any(n["class_type"] == GUIDANCE for n in prompt.values()):
+                    options.max_refinement = DEMO_MAX_REFINEMENT
+                    say(f"  demo: at most {DEMO_MAX_REFINEMENT} refinement iterations per refinement step: random "
+                        "weights never reach the thresholds, so refinement would always run to its cap "
+                        "(--max-refinement to change)")
         before_overrides = copy.deepcopy(prompt)
         apply_overrides(prompt, options, say)
 
@@ -709,11 +730,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 raise CliError("--steps must be at least 1")
             if options.max_refinement is not None and options.max_refinement < 0:
                 raise CliError("--max-refinement must be 0 or more")
+            options.random_models = []  # the workflows that ran on tiny random models (--demo)
             result = run(options, say)
             say(f"wrote {len(result.written)} file(s) into {result.out}:")
             for path in result.written:
                 say(f"  {path}")
-            if options.demo:
+            if options.random_models:
                 say(DEMO_BANNER)
             if result.failed:
                 raise CliError(f"{len(result.failed)} of {result.count} workflows failed: {', '.join(result.failed)}")

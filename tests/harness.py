@@ -8,7 +8,14 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.util
+import json
+import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -185,3 +192,74 @@ class WorkflowError(Exception):
 @pytest.fixture(scope="session")
 def runner():
     return WorkflowRunner()
+
+
+# ---------------------------------------------------------------- real ComfyUI servers
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read() or b"null")
+
+
+class Server:
+    """ComfyUI's main.py on a free loopback port, with a private base directory; the pack and `extra_nodes`
+    come in through an extra_model_paths YAML's custom_nodes entry, `checkpoints` (a folder) through its
+    checkpoints entry."""
+
+    def __init__(self, root: Path, with_pack: bool = True, extra_nodes=(), checkpoints: Path | None = None):
+        self.root = root
+        nodes_dir = root / "extra" / "custom_nodes"
+        nodes_dir.mkdir(parents=True)
+        if with_pack:
+            (nodes_dir / "comfyui-attention-guidance").symlink_to(PACK_DIR, target_is_directory=True)
+        for folder in extra_nodes:
+            (nodes_dir / Path(folder).name).symlink_to(folder, target_is_directory=True)
+        config = root / "extra_model_paths.yaml"
+        config.write_text(f"attn_guide_test:\n  base_path: {json.dumps(str(root / 'extra'))}\n"
+                          "  custom_nodes: custom_nodes\n"
+                          + (f"  checkpoints: {json.dumps(str(checkpoints))}\n" if checkpoints else ""))
+        (root / "base" / "custom_nodes").mkdir(parents=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = root / "server.log"
+        self._log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(self.port), "--cpu",
+             "--base-directory", str(root / "base"), "--extra-model-paths-config", str(config),
+             "--database-url", "sqlite:///:memory:", "--disable-auto-launch", "--disable-api-nodes"],
+            cwd=HOST, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    def wait(self, node: str, timeout: float = 180) -> "Server":
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if node in get_json(f"{self.url}/object_info/{node}"):
+                    return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ComfyUI did not come up (exit code {self.process.poll()}):\n"
+                            + self.log_path.read_text()[-4000:])
+            time.sleep(0.3)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()

@@ -15,20 +15,17 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from harness import HOST, PACK_DIR, pack_module
+from harness import HOST, PACK_DIR, Server, free_port, get_json, pack_module
 from PIL import Image
 
 cli = pack_module("runner.cli")
@@ -48,79 +45,15 @@ TWO_PROMPTS = ["--num-prompts", "2", "--seeds", "0-1", "--method", "plain", "--m
 
 # ---------------------------------------------------------------- helpers
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str):
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.loads(response.read() or b"null")
-
-
-class Server:
-    """ComfyUI's main.py on a free loopback port, with a private base directory."""
-
-    def __init__(self, root: Path, with_pack: bool = True):
-        self.root = root
-        nodes_dir = root / "extra" / "custom_nodes"
-        nodes_dir.mkdir(parents=True)
-        if with_pack:
-            (nodes_dir / "comfyui-attention-guidance").symlink_to(PACK_DIR, target_is_directory=True)
-        (nodes_dir / "attn_guide_test_nodes").symlink_to(TINY_NODES, target_is_directory=True)
-        config = root / "extra_model_paths.yaml"
-        config.write_text(f"attn_guide_bench_test:\n  base_path: {json.dumps(str(root / 'extra'))}\n"
-                          "  custom_nodes: custom_nodes\n")
-        (root / "base" / "custom_nodes").mkdir(parents=True)
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = root / "server.log"
-        self._log = self.log_path.open("w")
-        self.process = subprocess.Popen(
-            [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(self.port), "--cpu",
-             "--base-directory", str(root / "base"), "--extra-model-paths-config", str(config),
-             "--database-url", "sqlite:///:memory:", "--disable-auto-launch", "--disable-api-nodes"],
-            cwd=HOST, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=dict(os.environ, OMP_NUM_THREADS="1"))
-
-    def wait(self, node: str = LOADER, timeout: float = 180) -> "Server":
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if node in _get(f"{self.url}/object_info/{node}"):
-                    return self
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"ComfyUI did not come up (exit code {self.process.poll()}):\n"
-                            + self.log_path.read_text()[-4000:])
-            time.sleep(0.3)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """Two servers with the pack (a, b) and one without it (bare), started together. The last test kills a."""
-    started = {"a": Server(tmp_path_factory.mktemp("server_a")), "b": Server(tmp_path_factory.mktemp("server_b")),
-               "bare": Server(tmp_path_factory.mktemp("server_bare"), with_pack=False)}
+    started = {"a": Server(tmp_path_factory.mktemp("server_a"), extra_nodes=[TINY_NODES]),
+               "b": Server(tmp_path_factory.mktemp("server_b"), extra_nodes=[TINY_NODES]),
+               "bare": Server(tmp_path_factory.mktemp("server_bare"), with_pack=False, extra_nodes=[TINY_NODES])}
     try:
         for server in started.values():
-            server.wait()
+            server.wait(LOADER)
         yield started
     finally:
         for server in started.values():
@@ -379,9 +312,9 @@ def test_two_servers_share_the_jobs_and_match_the_embedded_results(servers, embe
         assert attention["steps"] == remote[key][2]["steps"]
     # what the servers keep of ours: nothing in the queue, nothing in the history
     for server in (servers["a"], servers["b"]):
-        queue = _get(f"{server.url}/queue")
+        queue = get_json(f"{server.url}/queue")
         assert queue["queue_running"] == [] and queue["queue_pending"] == []
-        assert _get(f"{server.url}/history") == {}
+        assert get_json(f"{server.url}/history") == {}
 
 
 def _bench_process(*args) -> subprocess.Popen:
@@ -412,7 +345,7 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_does_only_the_rest(servers, tmp_p
             process.kill()
     assert process.returncode == 130, log
     assert "stopping: cancelling the jobs in flight" in log and "run the same command again to resume" in log
-    queue = _get(f"{servers['a'].url}/queue")
+    queue = get_json(f"{servers['a'].url}/queue")
     assert queue["queue_running"] == [] and queue["queue_pending"] == []  # ours deleted / interrupted
     states = dict(rows(store, "SELECT state, COUNT(*) FROM jobs GROUP BY state"))
     first_done = {job for (job,) in rows(store, "SELECT id FROM jobs WHERE state = 'done'")}
@@ -463,7 +396,7 @@ def test_unusable_servers_and_unknown_subjects_are_reported_and_the_rest_runs(se
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([{"prompt": "a cat and a frog", "subjects": "cat, dog"},
                                    "a cat and a frog and a dog", "a bird and a bear"]))
-    wrong = f"http://127.0.0.1:{_free_port()}"
+    wrong = f"http://127.0.0.1:{free_port()}"
     code, log = bench("--out", str(tmp_path / "store"), *JOB_ARGS, "--prompts", str(prompts), "--seeds", "0-1",
                       "--method", "plain", "--server", servers["bare"].url, "--server", wrong,
                       "--server", servers["b"].url)

@@ -144,7 +144,7 @@ def test_demo_swaps_loaders_and_makes_pictures(tmp_path):
     with Image.open(tmp_path / "attn_guide_canny_edges.png") as picture:
         assert picture.size == (512, 512)
         assert set(np.unique(np.asarray(picture.convert("L")))) >= {0, 255}
-    assert len(said) == 3
+    assert len(said) == 4 and said[1] == cli.DEMO_BANNER
     sdxl = convert.to_api(json.loads((PACK_DIR / "example_workflows" / "astar_sdxl.json").read_text()))
     assert cli.apply_demo(sdxl, None, tmp_path, said.append) == "sdxl"
     assert cli.apply_demo(convert.to_api(workflow), "sd2", tmp_path, said.append) == "sd2"
