@@ -54,10 +54,12 @@ def main(argv=None) -> int:
             print(f"{text!r} seed {seed}: plain {sorted(d.pair for d in plain['found'])} | A&E "
                   f"{sorted(d.pair for d in guided['found'])}", flush=True)
             if guided["both"] and not plain["shapes"]:  # plain lost a subject's shape; A&E has both, own colours
-                found.append((text, seed))
-    print("\ncases (plain misses a subject, A&E draws both in their own colours):")
-    for text, seed in found:
-        print(f"  {text!r} seed {seed}")
+                # clean: A&E's picture holds the two objects and nothing else (the one a demo should show)
+                clean = sorted(d.pair for d in guided["found"]) == sorted([pair_a, pair_b])
+                found.append((text, seed, clean))
+    print("\ncases (plain misses a subject, A&E draws both in their own colours; clean: and nothing else):")
+    for text, seed, clean in sorted(found, key=lambda case: not case[2]):
+        print(f"  {text!r} seed {seed}{' (clean)' if clean else ''}")
     return 0 if found else 1
 
 

@@ -1,10 +1,14 @@
-"""Makes the README's figures with the pack itself, on the tiny random SD1.5-shaped model.
+"""Makes the README's figures with the pack itself, on the pack's own world model (world/, issue 16).
 
     python docs/make_figures.py            (from the pack root, with ComfyUI's Python)
 
-The weights are random: the decoded pictures are noise and say nothing about image quality; the
-attention maps, their change under guidance and the loss curves are what the pack really computes.
+The case is the one of example_workflows/attend_and_excite_world.json (its prompt, subjects, seed, steps, cfg
+and size): a two-object prompt for which the plain model drops a subject and Attend-and-Excite, at the paper's
+settings, brings it back. The checkpoint goes through Load Checkpoint, the pictures through VAE Decode, the
+maps through the Attention Map Visualiser, as in the workflow.
 """
+import copy
+import json
 import sys
 from pathlib import Path
 
@@ -15,38 +19,70 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from harness import pack_module  # noqa: E402  (boots the ComfyUI host and loads the pack)
 
+import folder_paths  # noqa: E402
 import nodes  # noqa: E402
 import torch  # noqa: E402
 
 OUT = ROOT / "docs" / "figures"
-TEXT, SUBJECTS, STEPS, SEED = "a cat and a frog", "cat, frog", 20, 4
+EXAMPLE = ROOT / "example_workflows" / "attend_and_excite_world.json"
+CHECKPOINT = ROOT / "world" / "world_sd15.safetensors"
 
 
-def save(array: np.ndarray, name: str) -> None:
-    Image.fromarray((np.clip(array, 0, 1) * 255).astype(np.uint8)).save(OUT / name)
+def save(array: np.ndarray, name: str, scale: int = 1) -> None:
+    picture = Image.fromarray((np.clip(array, 0, 1) * 255).astype(np.uint8))
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    picture.save(OUT / name)
     print("wrote", OUT / name)
+
+
+def example_settings() -> dict:
+    by_type = {n["type"]: n["widgets_values"] for n in json.loads(EXAMPLE.read_text())["nodes"]}
+    text, subjects = by_type["AttnGuideTextEncode"]
+    seed, _control, steps, cfg, sampler, scheduler, _denoise, resolution, _record = by_type["AttnGuideKSampler"]
+    width, height, _batch = by_type["EmptyLatentImage"]
+    return dict(text=text, subjects=subjects, seed=seed, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler,
+                resolution=resolution, width=width, height=height)
+
+
+def load_world():
+    pack_module("world.model").register()
+    saved = copy.deepcopy(folder_paths.folder_names_and_paths["checkpoints"])
+    try:
+        folder_paths.add_model_folder_path("checkpoints", str(CHECKPOINT.parent))
+        folder_paths.filename_list_cache.pop("checkpoints", None)
+        return nodes.CheckpointLoaderSimple().load_checkpoint(CHECKPOINT.name)[:3]
+    finally:
+        folder_paths.folder_names_and_paths["checkpoints"] = saved
+        folder_paths.filename_list_cache.pop("checkpoints", None)
 
 
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
-    tiny = pack_module("runner.tiny_models")
+    case = example_settings()
     sampler_nodes = pack_module("nodes.sampler")
     visualiser = pack_module("nodes.visualiser")
     GuidanceConfig = pack_module("guidance.sampler").GuidanceConfig
-    model, clip, vae = tiny.make_model("sd15"), tiny.make_clip("sd15"), tiny.make_vae()
-    positive, subjects = pack_module("nodes.text_encode").AttentionTextEncode.execute(clip, TEXT, SUBJECTS).args
+    model, clip, vae = load_world()
+    positive, subjects = pack_module("nodes.text_encode").AttentionTextEncode.execute(
+        clip, case["text"], case["subjects"]).args
     negative = nodes.CLIPTextEncode().encode(clip, "")[0]
-    latent = {"samples": torch.zeros(1, 4, 32, 32)}
+    latent = nodes.EmptyLatentImage().generate(case["width"], case["height"], 1)[0]
     runs = {}
     for name, config in (("plain", None), ("attend_and_excite", GuidanceConfig()),
                          ("a_star", GuidanceConfig(loss_weights={"segregation": 1.0, "retention": 1.0},
                                                    guidance_end=1.0, refinement=()))):
-        out = sampler_nodes.AttentionKSampler.execute(model, SEED, STEPS, 7.5, "euler", "normal", positive, negative,
-                                                      latent, 1.0, subjects, 0, True, guidance=config)
+        with torch.inference_mode():
+            out = sampler_nodes.AttentionKSampler.execute(
+                model, case["seed"], case["steps"], case["cfg"], case["sampler"], case["scheduler"], positive,
+                negative, latent, 1.0, subjects, case["resolution"], True, guidance=config)
         runs[name] = (out.args[0], out.args[1])
-    last_guided = int(round(0.5 * STEPS)) - 1
+    last_guided = int(round(0.5 * case["steps"])) - 1
+    detector = pack_module("world.detector")
     for name, (samples, record) in runs.items():
-        image = vae.decode(samples["samples"])
+        image = vae.decode(samples["samples"]).detach()
+        found = detector.detect(image[0].numpy().astype(np.float64))
+        print(f"{name}: the detector finds {', '.join(f'{d.colour} {d.shape}' for d in found) or 'nothing'}")
         save(image[0].numpy(), f"{name}_image.png")
         heat = visualiser.render(record, "step", last_guided, "turbo", 0.0, 0)
         save(np.concatenate(list(heat), axis=1), f"{name}_maps_step{last_guided}.png")

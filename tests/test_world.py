@@ -1,21 +1,31 @@
 """The procedural world (issue 16): scenes, captions, held-out splits, the detector, the fixed VAE, the world
 model's checkpoint through Load Checkpoint, and the training script (a few batches)."""
 import copy
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
 from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import folder_paths
 import nodes
-from harness import pack_module, run_node
+from harness import PACK_DIR, Server, get_json, pack_module, run_node
 
 scenes = pack_module("world.scenes")
 detector = pack_module("world.detector")
 world_model = pack_module("world.model")
 train = pack_module("world.train")
+convert = pack_module("runner.workflow_convert")
 
 
 def _pairs(scene):
@@ -215,3 +225,82 @@ def test_training_text_forward_equals_comfyui_encoder(text):
     ours = world_model.encode_tokens(clip, world_model.tokenize(clip, [text]))
     theirs = clip.encode_from_tokens(clip.tokenize(text))
     assert torch.allclose(ours, theirs.float(), atol=1e-5)
+
+
+# ---------------------------------------------------------------- the shipped example, where plain drops a subject
+
+WORLD_EXAMPLE = Path(train.PACK_DIR) / "example_workflows" / "attend_and_excite_world.json"
+
+
+def _example_case():
+    """The example's prompt and subjects (its text node), as (colour, shape) pairs."""
+    workflow = json.loads(WORLD_EXAMPLE.read_text())
+    text, subjects = next(n["widgets_values"] for n in workflow["nodes"] if n["type"] == "AttnGuideTextEncode")
+    pairs = [tuple(entry.strip().split()) for entry in subjects.split(",")]
+    return workflow, text, pairs
+
+
+def _judge(pictures: dict, pairs) -> dict:
+    """prefix -> (every subject's shape present, every subject in its own colour), by the detector."""
+    outcome = {}
+    for prefix, picture in pictures.items():
+        found = detector.detect(np.asarray(picture.convert("RGB"), dtype=np.float64) / 255.0)
+        shapes = {d.shape for d in found}
+        outcome[prefix] = (all(shape in shapes for _colour, shape in pairs),
+                           all(pair in {d.pair for d in found} for pair in pairs))
+    return outcome
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="no shipped world checkpoint")
+def test_world_example_on_a_real_server_plain_drops_a_subject_and_guidance_brings_it_back(tmp_path):
+    """ComfyUI's main.py with the pack, the shipped checkpoint in its checkpoints folders (through an
+    extra_model_paths entry): Load Checkpoint loads it, the example runs as queued from the editor, and the
+    detector reads its two saved pictures: the plain KSampler misses a subject for the example's seed, the
+    Attention KSampler with A&E draws both objects in their own colours."""
+    workflow, _text, pairs = _example_case()
+    server = Server(tmp_path / "server", checkpoints=SHIPPED.parent).wait("AttnGuideKSampler")
+    try:
+        assert train.CHECKPOINT_NAME in get_json(f"{server.url}/object_info/CheckpointLoaderSimple")[
+            "CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+        prompt = convert.to_api(workflow)
+        request = urllib.request.Request(f"{server.url}/prompt", data=json.dumps({"prompt": prompt}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            prompt_id = json.loads(answer.read())["prompt_id"]
+        deadline = time.monotonic() + 300
+        while prompt_id not in (history := get_json(f"{server.url}/history/{prompt_id}")):
+            assert time.monotonic() < deadline and server.process.poll() is None, server.log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        entry = history[prompt_id]
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        pictures = {}
+        for output in entry["outputs"].values():
+            for image in output.get("images", []):
+                if image["type"] != "output":
+                    continue
+                query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
+                with urllib.request.urlopen(f"{server.url}/view?{query}", timeout=30) as data:
+                    pictures[image["filename"].rsplit("_", 2)[0]] = Image.open(io.BytesIO(data.read())).copy()
+    finally:
+        server.stop()
+    assert set(pictures) == {"world_plain", "world_guided"} and pictures["world_plain"].size == (256, 256)
+    outcome = _judge(pictures, pairs)
+    assert not outcome["world_plain"][0], outcome  # a subject's shape is missing without guidance
+    assert outcome["world_guided"] == (True, True), outcome
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="no shipped world checkpoint")
+def test_run_demo_loads_the_world_model_for_its_example(tmp_path):
+    """`run --demo` keeps the world example's checkpoint (the shipped model, not a random one), at the
+    example's own settings, and gives the pictures the real server gives."""
+    _workflow, _text, pairs = _example_case()
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", PACK_DIR.name, "run", str(WORLD_EXAMPLE), "--demo", "--out",
+                             str(out)], cwd=PACK_DIR.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "RANDOM WEIGHTS" not in result.stdout and "the pack's own world model" in result.stdout
+    assert "demo: 20 steps" not in result.stdout  # the trained model runs the workflow as saved
+    pictures = {p.name.rsplit("_", 2)[0]: Image.open(p).copy() for p in (out / "AttnGuide").glob("*.png")}
+    outcome = _judge(pictures, pairs)
+    assert not outcome["world_plain"][0] and outcome["world_guided"] == (True, True), outcome
