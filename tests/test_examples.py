@@ -227,7 +227,8 @@ def test_dit_example_settings():
 # ---------------------------------------------------------------- the examples, as files
 
 ALL_EXAMPLES = ["attend_and_excite_sd15", "astar_sdxl", "attend_and_excite_controlnet_sd15",
-                "attend_and_excite_sampler_custom_sd15", "binding_sd15", "attend_and_excite_flux", "astar_sd35"]
+                "attend_and_excite_sampler_custom_sd15", "binding_sd15", "attend_and_excite_flux", "astar_sd35",
+                "attend_and_excite_world"]
 
 
 def test_every_example_is_tested():
