@@ -200,9 +200,8 @@ class AttentionCapture:
 
     def recompute_defaults(self) -> tuple[bool, bool]:
         """What the family's guided pass recomputes by default: (feed-forwards, host attention)."""
-        if self.family_impl is not None:
-            return self.family_impl.recompute_feedforward, self.family_impl.recompute_attention
-        return True, False
+        family = self.family_impl if self.family_impl is not None else self.family
+        return family.recompute_feedforward, family.recompute_attention
 
     def feedforwards(self, diffusion_model) -> list[torch.nn.Module]:
         """The feed-forward modules whose activations a guided pass may recompute instead of storing."""

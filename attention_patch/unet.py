@@ -129,6 +129,13 @@ def install(capture, model_options: dict) -> dict:
     return model_options
 
 
+# What a UNet's guided pass recomputes by default (capture.recompute_defaults; DiT families set their own in
+# dit.Family): its feed-forward activations are the largest stored ones and cheap to run again. Recomputing the
+# host attention is a DiT mechanism (dit.py); a UNet's attention is always stored.
+recompute_feedforward = True
+recompute_attention = False
+
+
 def feedforwards(diffusion_model) -> list[torch.nn.Module]:
     """The transformer feed-forwards, whose activations a guided pass may recompute instead of storing."""
     from comfy.ldm.modules.attention import FeedForward

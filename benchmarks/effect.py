@@ -41,7 +41,6 @@ Run from the pack root with ComfyUI's Python:
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib
 import importlib.util
 import math
@@ -86,8 +85,10 @@ COMBINATIONS = {
 QUICK_METHODS = ("plain", "attend_and_excite", "A-STAR", "D&B")
 
 
-def method_configs(names: list[str] | None = None, max_refinement_steps: int = 20) -> dict:
-    """name -> GuidanceConfig (None for plain), built by the Attention Guidance node."""
+def method_configs(names: list[str] | None = None, max_refinement_steps: int = 20,
+                   changed: dict | None = None) -> dict:
+    """name -> GuidanceConfig (None for plain), built by the Attention Guidance node; `changed`: node inputs set
+    for every method instead of the papers' (GUIDANCE_DEFAULTS), e.g. {"scale_factor": 80.0}."""
     guidance_node = pack_module("nodes.guidance").AttentionGuidance
     losses = pack_module("guidance.losses")
     refinement = ", ".join(f"{f}:{t}" for f, t in pack_module("guidance.sampler").DEFAULT_REFINEMENT)
@@ -96,7 +97,8 @@ def method_configs(names: list[str] | None = None, max_refinement_steps: int = 2
         all_weights = {f"{name}_weight": weights.get(name, 0.0) for name in losses.LOSSES}
         schedule = {"refinement": refinement if weights.get("attend_and_excite") else "",
                     "max_refinement_steps": max_refinement_steps}
-        return guidance_node.execute(**{**GUIDANCE_DEFAULTS, **schedule, **changes}, **all_weights).args[0]
+        inputs = {**GUIDANCE_DEFAULTS, **schedule, **changes, **(changed or {})}
+        return guidance_node.execute(**inputs, **all_weights).args[0]
 
     methods = {"plain": None}
     for name in losses.LOSSES:
@@ -111,23 +113,26 @@ def method_configs(names: list[str] | None = None, max_refinement_steps: int = 2
     return methods
 
 
+def parse_settings(items: list[str]) -> dict:
+    """--set key=value pairs -> {key: value} over GUIDANCE_DEFAULTS' keys, each value of the default's type."""
+    changed = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in GUIDANCE_DEFAULTS or not value:
+            raise SystemExit(f"--set {item!r}: expected key=value with key one of {', '.join(GUIDANCE_DEFAULTS)}")
+        kind = type(GUIDANCE_DEFAULTS[key])
+        try:
+            changed[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        except ValueError:
+            raise SystemExit(f"--set {item!r}: {key} takes a {kind.__name__}") from None
+    return changed
+
+
 # ---------------------------------------------------------------- one batch
 
 def load_world(checkpoint: Path):
     """MODEL, CLIP, VAE of the world checkpoint through Load Checkpoint (CheckpointLoaderSimple)."""
-    import folder_paths
-    import nodes
-    pack_module("world.model").register()
-    checkpoint = checkpoint.resolve()
-    saved = copy.deepcopy(folder_paths.folder_names_and_paths["checkpoints"])
-    try:
-        folder_paths.add_model_folder_path("checkpoints", str(checkpoint.parent))
-        folder_paths.filename_list_cache.pop("checkpoints", None)
-        loader = nodes.CheckpointLoaderSimple()
-        return loader.load_checkpoint(checkpoint.name)[:3]
-    finally:
-        folder_paths.folder_names_and_paths["checkpoints"] = saved
-        folder_paths.filename_list_cache.pop("checkpoints", None)
+    return pack_module("world.model").load_checkpoint(checkpoint)
 
 
 def run_batch(model, clip, pair_a, pair_b, seed: int, batch: int, config, args):
@@ -317,6 +322,9 @@ def main(argv=None) -> None:
     parser.add_argument("--cfg", type=float, default=7.5)
     parser.add_argument("--max-refinement", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a guidance setting other than the papers' for every method (repeatable; keys: "
+                             + ", ".join(GUIDANCE_DEFAULTS) + "); the report's header names it")
     parser.add_argument("--save", type=Path, default=None, help="write the report here too")
     parser.add_argument("--grid", type=Path, default=None, help="PNG of plain and each method, same seeds")
     args = parser.parse_args(argv)
@@ -329,7 +337,8 @@ def main(argv=None) -> None:
     import torch
     torch.set_num_threads(args.threads)
     names = args.methods.split(",") if args.methods else (list(QUICK_METHODS) if args.quick else None)
-    methods = method_configs([n.strip() for n in names] if names else None, args.max_refinement)
+    changed = parse_settings(args.set)
+    methods = method_configs([n.strip() for n in names] if names else None, args.max_refinement, changed)
     model, clip, vae = load_world(args.ckpt)
     scenes = pack_module("world.scenes")
     splits = scenes.two_object_prompts()
@@ -340,6 +349,9 @@ def main(argv=None) -> None:
     last_guided, started = measured["last_guided"], measured["started"]
     header = [f"effect: {args.ckpt.name}, {args.steps} steps euler/normal, cfg {args.cfg}, 256 px (latent 32x32, maps "
               f"16x16), {args.seeds} images per prompt (one batch, seed 0), max refinement {args.max_refinement}",
+              "settings: the papers' (" + ", ".join(f"{k} {v}" for k, v in GUIDANCE_DEFAULTS.items()
+                                                    if k != "max_refinement_steps") + ")"
+              + ("" if not changed else "; NOT the papers': " + ", ".join(f"{k} {v}" for k, v in changed.items())),
               f"torch {torch.__version__}, {args.threads} threads, cpu; wall time {time.perf_counter() - started:.0f} s",
               f"plain: drawn objects whose subject map peaks inside them at step {last_guided}: "
               f"{sum(hits) / max(len(hits), 1):.3f} of {len(hits)}; subjects' raw peak mean "

@@ -7,7 +7,6 @@ and size): a two-object prompt for which the plain model drops a subject and Att
 settings, brings it back. The checkpoint goes through Load Checkpoint, the pictures through VAE Decode, the
 maps through the Attention Map Visualiser, as in the workflow.
 """
-import copy
 import json
 import sys
 from pathlib import Path
@@ -19,7 +18,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from harness import pack_module  # noqa: E402  (boots the ComfyUI host and loads the pack)
 
-import folder_paths  # noqa: E402
 import nodes  # noqa: E402
 import torch  # noqa: E402
 
@@ -45,25 +43,13 @@ def example_settings() -> dict:
                 resolution=resolution, width=width, height=height)
 
 
-def load_world():
-    pack_module("world.model").register()
-    saved = copy.deepcopy(folder_paths.folder_names_and_paths["checkpoints"])
-    try:
-        folder_paths.add_model_folder_path("checkpoints", str(CHECKPOINT.parent))
-        folder_paths.filename_list_cache.pop("checkpoints", None)
-        return nodes.CheckpointLoaderSimple().load_checkpoint(CHECKPOINT.name)[:3]
-    finally:
-        folder_paths.folder_names_and_paths["checkpoints"] = saved
-        folder_paths.filename_list_cache.pop("checkpoints", None)
-
-
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     case = example_settings()
     sampler_nodes = pack_module("nodes.sampler")
     visualiser = pack_module("nodes.visualiser")
     GuidanceConfig = pack_module("guidance.sampler").GuidanceConfig
-    model, clip, vae = load_world()
+    model, clip, vae = pack_module("world.model").load_checkpoint(CHECKPOINT)
     positive, subjects = pack_module("nodes.text_encode").AttentionTextEncode.execute(
         clip, case["text"], case["subjects"]).args
     negative = nodes.CLIPTextEncode().encode(clip, "")[0]

@@ -148,6 +148,13 @@ class GuidanceRun:
             w and L.LOSSES[n].needs_attributes for n, w in config.loss_weights.items())
         self.denoise_mask = None
 
+    def recompute_choice(self) -> tuple[bool, bool]:
+        """What a guided pass recomputes in the backward, (feed-forwards, host attention): the config's choice,
+        else the model family's."""
+        feedforward, attention = self.capture.recompute_defaults()
+        chosen = self.config.recompute_feedforward, self.config.recompute_attention
+        return (feedforward if chosen[0] is None else chosen[0]), (attention if chosen[1] is None else chosen[1])
+
     def model_input(self, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
         """What the model sees for the sampler's latent x: with an inpainting mask, the kept region is the
         noised source latent (as ComfyUI's KSamplerX0Inpaint does), so only the masked region is guided."""
@@ -167,17 +174,13 @@ class GuidanceRun:
         capture = self.capture
         capture.begin_evaluation()
         capture.guided, capture.truncate = True, self.config.truncate_pass
-        default_feedforward, default_attention = capture.recompute_defaults()
-        feedforward = default_feedforward if self.config.recompute_feedforward is None else \
-            self.config.recompute_feedforward
-        capture.recompute_attention = default_attention if self.config.recompute_attention is None else \
-            self.config.recompute_attention
+        recompute_ff, capture.recompute_attention = self.recompute_choice()
         sigmas = sigma.reshape(-1)[:1].expand(x.shape[0]).to(x.dtype)
         self.residual_ids.clear()
         try:
             diffusion_model = self.inner_model.diffusion_model
             with GuidedPassMode(self.residual_ids), recompute_feedforward(
-                    diffusion_model, feedforward, capture.feedforwards(diffusion_model)):
+                    diffusion_model, recompute_ff, capture.feedforwards(diffusion_model)):
                 # only the subjects' cond: its maps are the ones guided, wherever it sits in the positive
                 comfy.samplers.calc_cond_batch(self.inner_model, [[self.cond]], self.model_input(x, sigmas), sigmas,
                                                self.model_options)
@@ -211,6 +214,10 @@ class GuidanceRun:
     def update(self, x: torch.Tensor, total: torch.Tensor, sigma: torch.Tensor, step_size: float,
                active: torch.Tensor | None = None) -> torch.Tensor:
         """z <- z - alpha * dL/dz in the reference's latent z = c_in x, i.e. x <- x - alpha * dL/dx / c_in^2."""
+        if not total.requires_grad:
+            # the loss does not depend on the latent at this step (retention alone at its first step: no
+            # previous masks yet): dL/dz = 0, nothing to step
+            return x.detach()
         grad = torch.autograd.grad(total.sum(), [x])[0]
         finite = torch.isfinite(grad).flatten(1).all(dim=1)
         if not bool(finite.all()):

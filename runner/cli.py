@@ -25,8 +25,8 @@ computed for real. To stay quick on a CPU it also runs 20 steps at 256 px and ca
 iterations per refinement step (--steps, --size and --max-refinement override these; it says so when
 it does). A loader that names the pack's own model (`world_sd15.safetensors`) is not swapped: --demo
 loads the shipped, trained world checkpoint (world/), at the workflow's own settings, so its pictures
-show what the guidance does (example_workflows/attend_and_excite_world.json). On the CPU the runner picks torch's attention kernel (ComfyUI's default there is its
-slower sub-quadratic one).
+show what the guidance does (example_workflows/attend_and_excite_world.json). On the CPU the runner
+picks torch's attention kernel (ComfyUI's default there is its slower sub-quadratic one).
 
 Nothing here imports ComfyUI at module level: `--help` works without a host, and the host is booted
 (device chosen, nodes loaded) before anything touches torch devices.

@@ -100,6 +100,27 @@ def test_binding_loss_after_update_is_lower(sd15, loss_after_update, weights):
     assert set(record.losses[-1].terms) == set(weights)
 
 
+@pytest.mark.parametrize("name", list(pack_module("guidance.losses").LOSSES))
+def test_every_loss_alone_guides_a_run(sd15, loss_after_update, name):
+    """Each loss of LOSSES as the only weighted one (as the effect benchmark and a user with one slider up run it)
+    samples to the end and moves the latent. Retention alone has nothing to keep at its first step (no previous
+    masks, loss 0, no gradient): that step leaves the latent as it is, the next ones guide it. (It crashed with
+    "element 0 of tensors does not require grad" before.)"""
+    model, clip = sd15
+    config = GuidanceConfig(loss_weights={name: 1.0}, guidance_end=1.0, refinement=(), scale_factor=20.0)
+    plain, _ = _run(model, clip, GuidanceConfig(loss_weights={}, guidance_end=1.0, refinement=()), steps=3,
+                    text="a red cat and a blue frog", subject_spec="red cat, blue frog")
+    latent, record = _run(model, clip, config, steps=3, text="a red cat and a blue frog",
+                          subject_spec="red cat, blue frog")
+    assert torch.isfinite(latent).all() and [entry.step for entry in record.losses] == [0, 1, 2]
+    assert set(record.losses[0].terms) == {name}
+    assert (latent - plain).abs().max() > 1e-6
+    first_before, first_after = loss_after_update[0]
+    if name == "retention":
+        assert float(first_before.abs().max()) == 0.0 and torch.equal(first_before, first_after)
+        assert (loss_after_update[1][0] > 0).all()
+
+
 def test_binding_loss_without_attributes_is_skipped_with_a_warning(sd15, caplog):
     model, clip = sd15
     config = GuidanceConfig(loss_weights={"attend_and_excite": 1.0, "syngen": 1.0}, refinement=())

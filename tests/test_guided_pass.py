@@ -95,7 +95,9 @@ def test_inference_weights_are_used_without_copies(families, family, monkeypatch
 
 
 def test_feedforward_recompute_gives_the_same_gradient(families, monkeypatch):
-    """With recompute_feedforward the feed-forwards of the guided pass run again in each backward, the gradient is unchanged, and the model has no instance-level patch afterwards."""
+    """With recompute_feedforward the feed-forwards of the guided pass run again in each backward, the gradient is
+    unchanged, and the model has no instance-level patch afterwards. A UNet's default (None: the family's choice,
+    attention_patch.unet) recomputes them."""
     model, clip = families["sdxl"]
     calls = collections.Counter()
     original_forward = host_attention.FeedForward.forward
@@ -113,6 +115,10 @@ def test_feedforward_recompute_gives_the_same_gradient(families, monkeypatch):
     assert _rel(recomputed, stored) < 1e-6
     # the forward, then one recomputation per backward: the test's own dL/dx and the update's
     assert calls["grad"] > 0 and with_recompute == 3 * calls["grad"]
+    calls.clear()
+    assert CONFIG.recompute_feedforward is None
+    by_default = _first_step(model, clip, CONFIG)
+    assert calls["grad"] == with_recompute and _rel(by_default, stored) < 1e-6
     feedforwards = [m for m in model.model.diffusion_model.modules() if isinstance(m, host_attention.FeedForward)]
     assert feedforwards and not any("forward" in m.__dict__ for m in feedforwards)
 

@@ -74,6 +74,26 @@ def register() -> None:
         comfy.supported_models.models.append(WorldSD15)
 
 
+def load_checkpoint(path) -> tuple:
+    """MODEL, CLIP, VAE of a world checkpoint at any path, through ComfyUI's Load Checkpoint node
+    (CheckpointLoaderSimple), as a workflow loads it; ComfyUI's checkpoint folders are left as they were."""
+    import copy
+    from pathlib import Path
+
+    import folder_paths  # ComfyUI's top-level modules: imported late, the pack loads while `nodes` does
+    import nodes
+    register()
+    path = Path(path).resolve()
+    saved = copy.deepcopy(folder_paths.folder_names_and_paths["checkpoints"])
+    try:
+        folder_paths.add_model_folder_path("checkpoints", str(path.parent))
+        folder_paths.filename_list_cache.pop("checkpoints", None)
+        return nodes.CheckpointLoaderSimple().load_checkpoint(path.name)[:3]
+    finally:
+        folder_paths.folder_names_and_paths["checkpoints"] = saved
+        folder_paths.filename_list_cache.pop("checkpoints", None)
+
+
 # ---------------------------------------------------------------- building
 
 def _init_(module: torch.nn.Module, generator: torch.Generator) -> None:
