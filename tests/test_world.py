@@ -1,6 +1,7 @@
 """The procedural world (issue 16): scenes, captions, held-out splits, the detector, the fixed VAE, the world
 model's checkpoint through Load Checkpoint, and the training script (a few batches)."""
 import copy
+import dataclasses
 import io
 import json
 import os
@@ -179,14 +180,21 @@ def _vae_shows_clean_renders(vae, seed):
     assert [sorted(d.pair for d in f) for f in detector.detect_batch(decoded.numpy())] == [_pairs(s) for s in drawn]
 
 
-def test_checkpoint_loads_through_load_checkpoint_and_samples(tmp_path):
-    trainer = train.make_trainer(_config())
+@pytest.mark.parametrize("widths", [{}, {"model_channels": 64, "channel_mult": "1,2,2"}], ids=["shipped", "wide"])
+def test_checkpoint_loads_through_load_checkpoint_and_samples(tmp_path, widths):
+    """At the shipped UNet widths and at the wider ones (world/README.md): a saved checkpoint is detected and
+    loaded by Load Checkpoint with its widths, and samples."""
+    trainer = train.make_trainer(dataclasses.replace(_config(), **widths))
     train.step(trainer)
     train.save(trainer, tmp_path)
     path = tmp_path / train.CHECKPOINT_NAME
     assert path.stat().st_size < 25_000_000
     model, clip, vae = _load_checkpoint(path)
     assert isinstance(model.model.model_config, world_model.WorldSD15)
+    detected = model.model.model_config.unet_config
+    assert (detected["model_channels"], tuple(detected["channel_mult"])) == \
+        (trainer.model.diffusion_model.model_channels, tuple(trainer.model.diffusion_model.channel_mult))
+    assert detected["model_channels"] == widths.get("model_channels", 32)
     unet = model.model.diffusion_model.state_dict()
     for name, value in trainer.model.diffusion_model.state_dict().items():
         assert torch.allclose(unet[name].float(), value.half().float()), name
@@ -201,6 +209,12 @@ def test_checkpoint_loads_through_load_checkpoint_and_samples(tmp_path):
     (picture,) = run_node(nodes.VAEDecode, vae=vae, samples=sampled)
     assert picture.shape == (1, 256, 256, 3)
     _vae_shows_clean_renders(vae, 14)
+
+
+@pytest.mark.parametrize("model_channels, channel_mult", [(48, "1,2,2"), (64, "2,2,2"), (64, "1,x,2"), (64, "1,2")])
+def test_unusable_unet_widths_are_refused_with_what_would_do(model_channels, channel_mult):
+    with pytest.raises(ValueError, match="multiple of 32.*starting with 1"):
+        train.make_trainer(dataclasses.replace(_config(), model_channels=model_channels, channel_mult=channel_mult))
 
 
 SHIPPED = Path(train.PACK_DIR) / "world" / train.CHECKPOINT_NAME

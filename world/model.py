@@ -67,11 +67,40 @@ class WorldSD15(comfy.supported_models.SD15):
         return comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, WorldClipModel)
 
 
+# The UNet widths checkpoint detection knows, (model_channels, channel_mult): the shipped model's, and the wider
+# one whose first level has two channels per GroupNorm group (world/README.md: at 32 channels, one per group,
+# every norm removes each channel's mean, and the model cannot see the initial noise's).
+UNET_WIDTHS = ((UNET_CONFIG["model_channels"], tuple(UNET_CONFIG["channel_mult"])), (64, (1, 2, 2)))
+
+
+def unet_widths(model_channels: int, channel_mult) -> tuple[int, tuple[int, ...]]:
+    """Checked UNet widths: ComfyUI's UNet normalises with GroupNorm(32) and its output conv takes model_channels,
+    so model_channels must be a multiple of 32 and channel_mult start at 1."""
+    try:
+        channel_mult = tuple(int(m) for m in channel_mult)
+    except (TypeError, ValueError):
+        channel_mult = ()
+    if model_channels <= 0 or model_channels % 32 or len(channel_mult) != 3 or channel_mult[0] != 1 \
+            or min(channel_mult) < 1:
+        raise ValueError(f"world UNet widths model_channels={model_channels}, channel_mult={list(channel_mult)}: "
+                         "model_channels must be a positive multiple of 32 (GroupNorm(32)) and channel_mult three "
+                         "positive integers starting with 1 (the output conv takes model_channels), e.g. 64 and "
+                         "[1, 2, 2]")
+    return model_channels, channel_mult
+
+
+def _detection_class(model_channels: int, channel_mult) -> type:
+    config = {**WorldSD15.unet_config, "model_channels": model_channels, "channel_mult": list(channel_mult)}
+    return type(WorldSD15.__name__, (WorldSD15,), {"unet_config": config})
+
+
 def register() -> None:
-    """Lets ComfyUI's checkpoint detection recognise the world model (idempotent)."""
-    if not any(getattr(model, "__name__", "") == WorldSD15.__name__ and getattr(model, "unet_config", None) ==
-               WorldSD15.unet_config for model in comfy.supported_models.models):
-        comfy.supported_models.models.append(WorldSD15)
+    """Lets ComfyUI's checkpoint detection recognise the world model at each of UNET_WIDTHS (idempotent)."""
+    for model_channels, channel_mult in UNET_WIDTHS:
+        wanted = _detection_class(model_channels, channel_mult).unet_config
+        if not any(getattr(model, "__name__", "") == WorldSD15.__name__ and getattr(model, "unet_config", None) ==
+                   wanted for model in comfy.supported_models.models):
+            comfy.supported_models.models.append(_detection_class(model_channels, channel_mult))
 
 
 def load_checkpoint(path) -> tuple:
@@ -113,8 +142,11 @@ def _init_(module: torch.nn.Module, generator: torch.Generator) -> None:
                 p.zero_()
 
 
-def make_unet_model(seed: int = 0) -> comfy.model_base.BaseModel:
-    config = WorldSD15({**UNET_CONFIG, "dtype": torch.float32})
+def make_unet_model(seed: int = 0, model_channels: int = UNET_CONFIG["model_channels"],
+                    channel_mult=tuple(UNET_CONFIG["channel_mult"])) -> comfy.model_base.BaseModel:
+    model_channels, channel_mult = unet_widths(model_channels, channel_mult)
+    config = WorldSD15({**UNET_CONFIG, "model_channels": model_channels, "channel_mult": list(channel_mult),
+                        "dtype": torch.float32})
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({})
     _init_(model.diffusion_model, torch.Generator().manual_seed(seed))

@@ -23,6 +23,10 @@ timestep per image of SD1.x's 1000-step schedule, EPS loss. Two attention terms 
       there (the padding, or the first 'a', where the mass went with a padding-only term) leaves the
       subjects' maps at 0 after it (A&E's loss stuck at 1).
 
+The UNet's widths: --model-channels and --channel-mult (default 32 and 1,3,3, the shipped model's). At 32
+channels the first level has one channel per GroupNorm group and the model cannot see the initial noise's mean
+(world/README.md); --model-channels 64 --channel-mult 1,2,2 is the wider UNet that can.
+
 Saves (--save-every batches, and at the end or when --minutes is up): `state.pt` (weights, optimizer, batch
 number, loss log) and `world_sd15.safetensors` (fp16 UNet and text encoder, the fixed VAE).
 """
@@ -57,6 +61,8 @@ class TrainConfig:
     ground_target: float = 0.15
     sink_weight: float = 0.05
     grad_clip: float = 1.0
+    model_channels: int = 32        # the UNet's widths (world.model.unet_widths); the shipped model's
+    channel_mult: str = "1,3,3"
 
 
 @dataclass
@@ -94,7 +100,7 @@ def make_trainer(config: TrainConfig):
     import torch
     world_model, _ = _pack()
     torch.manual_seed(config.seed)
-    model = world_model.make_unet_model(config.seed)
+    model = world_model.make_unet_model(config.seed, config.model_channels, config.channel_mult.split(","))
     clip = world_model.make_clip(config.seed + 1)
     trainer = Trainer(config, model, clip, None)
     for p in trainer.parameters:
