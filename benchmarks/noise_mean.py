@@ -1,0 +1,129 @@
+"""Can the world model remove the initial noise's mean? (issue 16: why no method raises the effect table's rate)
+
+The world model's backgrounds come out in the wrong colour, speckled, and the colour follows the seed, not the
+prompt. This measures it three ways:
+
+  DC gain         on a blank scene (the training background, latent 0) noised at sigma: the slope of the
+                  predicted noise's spatial mean on the true noise's, per channel (ideal 1; 0 = the model is
+                  blind to the noise's mean, and sampling keeps it: sigma_max x (1/32 of a 32x32 latent's noise)
+                  is a background offset of about 0.45)
+  background      sampled images of one prompt: each image's background (the border's median, model space)
+                  against the mean of its initial noise; correlation and slope (slope ~ sigma_max = kept)
+  single objects  one-object prompts: images where the detector finds exactly that object and nothing else
+
+    python benchmarks/noise_mean.py --ckpt world/world_sd15.safetensors     # all three
+    python benchmarks/noise_mean.py --state RUN/state.pt                    # DC gain of a training run's state
+
+A state is world/train.py's `state.pt` (its config names the UNet's widths), e.g. after
+`python world/train.py --out RUN --batches 300 --batch-size 16 --lr 8e-4 [--model-channels 64 --channel-mult 1,2,2]`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import effect  # noqa: E402  (boots the host the same way)
+
+SIGMAS = (None, 3.0, 0.5)  # None: the schedule's sigma_max
+
+
+def dc_gain(diffusion_model, model_sampling, context, seed: int = 5) -> dict[float, float]:
+    """sigma -> slope of mean(predicted eps) on mean(eps) over 32 blank scenes (channels 0-2)."""
+    import torch
+    generator = torch.Generator().manual_seed(seed)
+    context = context.expand(32, -1, -1)
+    out = {}
+    for sigma in SIGMAS:
+        sigma = float(model_sampling.sigma_max) if sigma is None else sigma
+        offset = torch.randn(32, 4, 1, 1, generator=generator) * 0.1  # spread the means for a clean slope
+        noise = torch.randn(32, 4, 32, 32, generator=generator) + offset
+        sigmas = torch.full((32,), sigma)
+        with torch.no_grad():
+            eps = diffusion_model(sigma * noise / (1 + sigma ** 2) ** 0.5, model_sampling.timestep(sigmas).float(),
+                                  context=context.to(noise))
+        true, predicted = noise.mean((2, 3))[:, :3].flatten(), eps.float().mean((2, 3))[:, :3].flatten()
+        true = true - true.mean()
+        out[round(sigma, 2)] = float((true * (predicted - predicted.mean())).sum() / (true * true).sum())
+    return out
+
+
+def _sample(model, clip, pairs, batch: int, steps: int):
+    import torch
+
+    import nodes
+    scenes = effect.pack_module("world.scenes")
+    positive = nodes.CLIPTextEncode().encode(clip, scenes.caption(list(pairs)))[0]
+    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    latent = {"samples": torch.zeros(batch, 4, 32, 32)}
+    with torch.inference_mode():
+        return nodes.common_ksampler(model, 0, steps, 7.5, "euler", "normal", positive, negative, latent)[0]["samples"]
+
+
+def background_follows_noise(model, clip, steps: int) -> tuple[float, float]:
+    """(correlation, slope) of each image's background on its initial noise's mean, 16 images of one prompt."""
+    import comfy.sample
+    import numpy as np
+    import torch
+    scale = effect.pack_module("world.model").LATENT_SCALE
+    noise_mean = comfy.sample.prepare_noise(torch.zeros(16, 4, 32, 32), 0).mean((2, 3))[:, :3].numpy().ravel()
+    x = _sample(model, clip, [("red", "circle")], 16, steps).float()[:, :3] * scale
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=-1)
+    background = border.median(dim=-1).values.numpy().ravel()
+    return float(np.corrcoef(noise_mean, background)[0, 1]), float(np.polyfit(noise_mean, background, 1)[0])
+
+
+def single_objects(model, clip, steps: int) -> tuple[int, int]:
+    scenes = effect.pack_module("world.scenes")
+    detector = effect.pack_module("world.detector")
+    scale = effect.pack_module("world.model").LATENT_SCALE
+    seen = scenes.two_object_prompts()["seen"][::3][:8]
+    exact = total = 0
+    for pair in sorted({p for prompt in seen for p in prompt})[:6]:
+        latents = _sample(model, clip, [pair], 8, steps)
+        for found in detector.detect_batch(scenes.latent_to_rgb(latents.float().numpy() * scale)):
+            exact += {d.pair for d in found} == {pair}
+            total += 1
+    return exact, total
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", type=Path, help="a world checkpoint (.safetensors): all three measurements")
+    source.add_argument("--state", type=Path, help="world/train.py's state.pt: the DC gain")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    effect.boot_host()
+    import torch
+    torch.set_num_threads(args.threads)
+    if args.state:
+        train = effect.pack_module("world.train")
+        world_model = effect.pack_module("world.model")
+        saved = torch.load(args.state, weights_only=False)
+        trainer = train.make_trainer(train.TrainConfig(**saved["config"]))
+        trainer.model.diffusion_model.load_state_dict(saved["unet"])
+        trainer.clip.cond_stage_model.load_state_dict(saved["text"])
+        context = world_model.encode_tokens(trainer.clip, world_model.tokenize(trainer.clip, ["a red circle"]))
+        gains = dc_gain(trainer.model.diffusion_model, trainer.model.model_sampling, context.detach())
+        unet = trainer.model.diffusion_model
+        print(f"{args.state}: batch {saved['batch']}, UNet widths {unet.model_channels} x {list(unet.channel_mult)}")
+    else:
+        model, clip, _vae = effect.load_world(args.ckpt)
+        context = clip.encode_from_tokens(clip.tokenize("a red circle"))
+        gains = dc_gain(model.model.diffusion_model, model.model.model_sampling, context)
+        unet = model.model.diffusion_model
+        print(f"{args.ckpt.name}: UNet widths {unet.model_channels} x {list(unet.channel_mult)}; {args.steps} euler "
+              "steps, cfg 7.5")
+        correlation, slope = background_follows_noise(model, clip, args.steps)
+        print(f"background vs initial noise mean (16 images): correlation {correlation:.2f}, slope {slope:.1f} "
+              f"(sigma_max {float(model.model.model_sampling.sigma_max):.1f})")
+        exact, total = single_objects(model, clip, args.steps)
+        print(f"single objects drawn exactly: {exact} of {total}")
+    print("DC gain (ideal 1) at sigma " + ", ".join(f"{s}: {g:.3f}" for s, g in gains.items()))
+
+
+if __name__ == "__main__":
+    main()
