@@ -19,6 +19,8 @@ so that Load Checkpoint (`load_checkpoint_guess_config`) detects and loads the f
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 import comfy.model_base
@@ -277,7 +279,11 @@ def checkpoint_state_dict(model: comfy.model_base.BaseModel, clip: comfy.sd.CLIP
     text = {k: v.detach().to(dtype).contiguous() for k, v in clip.cond_stage_model.state_dict().items()}
     text.pop("clip_l.transformer.text_projection.weight", None)
     vae = {k: v if v.ndim == 0 else v.to(dtype) for k, v in vae_state_dict().items()}
-    sd = model.state_dict_for_saving(unet, clip_state_dict=text, vae_state_dict=vae)
+    if "unet_state_dict" in inspect.signature(model.state_dict_for_saving).parameters:
+        sd = model.state_dict_for_saving(unet, clip_state_dict=text, vae_state_dict=vae)
+    else:  # ComfyUI 0.3.x reads the UNet's weights itself
+        sd = model.state_dict_for_saving(clip_state_dict=text, vae_state_dict=vae)
+        sd = {k: v.detach().to(dtype) if k.startswith("model.diffusion_model.") else v for k, v in sd.items()}
     return {k: v.contiguous() for k, v in sd.items()}
 
 
