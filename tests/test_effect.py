@@ -79,15 +79,15 @@ def test_wilson_interval(effect):
 
 
 def test_dc_gain_measures_whether_the_noise_mean_is_predicted(effect):
-    """benchmarks/noise_mean.py's DC gain: 1 for a denoiser that predicts a blank scene's noise exactly, 0 for one
+    """benchmarks/world_diagnostics.py's DC gain: 1 for a denoiser that predicts a blank scene's noise exactly, 0 for one
     that predicts it without its spatial mean (what a first UNet level with one channel per GroupNorm group does),
     0.5 for half the mean."""
     benchmarks = str(PACK_DIR / "benchmarks")
-    spec = importlib.util.spec_from_file_location("attn_guide_noise_mean", PACK_DIR / "benchmarks" / "noise_mean.py")
-    noise_mean = importlib.util.module_from_spec(spec)
+    spec = importlib.util.spec_from_file_location("attn_guide_world_diagnostics", PACK_DIR / "benchmarks" / "world_diagnostics.py")
+    diagnostics = importlib.util.module_from_spec(spec)
     sys.path.insert(0, benchmarks)  # it imports effect.py beside it
     try:
-        spec.loader.exec_module(noise_mean)
+        spec.loader.exec_module(diagnostics)
     finally:
         sys.path.remove(benchmarks)
     sampling = pack_module("world.model").make_unet_model().model_sampling
@@ -102,7 +102,7 @@ def test_dc_gain_measures_whether_the_noise_mean_is_predicted(effect):
 
     context = torch.zeros(1, 77, 64)
     for kept in (1.0, 0.5, 0.0):
-        gains = noise_mean.dc_gain(denoiser(kept), sampling, context)
+        gains = diagnostics.dc_gain(denoiser(kept), sampling, context)
         assert len(gains) == 3 and max(gains) == pytest.approx(float(sampling.sigma_max), abs=0.01)
         # (the schedule's sigma -> timestep -> sigma round trip is exact to about 1e-3)
         assert all(g == pytest.approx(kept, abs=5e-3) for g in gains.values()), gains

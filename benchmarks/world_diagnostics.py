@@ -1,7 +1,8 @@
-"""Can the world model remove the initial noise's mean? (issue 16: why no method raises the effect table's rate)
+"""What keeps the world model from drawing a prompt's objects (issue 16: why no method raises the effect table's
+rate): whether it removes the initial noise's mean, and whether its pictures depend on the shape word.
 
 The world model's backgrounds come out in the wrong colour, speckled, and the colour follows the seed, not the
-prompt. This measures it three ways:
+prompt; and it draws the right colour in a wrong shape. Measured:
 
   DC gain         on a blank scene (the training background, latent 0) noised at sigma: the slope of the
                   predicted noise's spatial mean on the true noise's, per channel (ideal 1; 0 = the model is
@@ -9,10 +10,14 @@ prompt. This measures it three ways:
                   is a background offset of about 0.45)
   background      sampled images of one prompt: each image's background (the border's median, model space)
                   against the mean of its initial noise; correlation and slope (slope ~ sigma_max = kept)
-  single objects  one-object prompts: images where the detector finds exactly that object and nothing else
+  single objects  one-object prompts: images where the detector finds exactly that object and nothing else; and
+                  where it finds an object of the prompt's colour, of its shape (chance for the shape: 1/3)
+  shape word      the same seeds for 'a blue circle', 'a blue square', 'a blue triangle' and 'a red circle': the
+                  pictures' mean |difference| when only the shape word changes, against when only the colour word
+                  does; and the text encoder's output at the shape word's position, how much it changes (relative)
 
-    python benchmarks/noise_mean.py --ckpt world/world_sd15.safetensors     # all three
-    python benchmarks/noise_mean.py --state RUN/state.pt                    # DC gain of a training run's state
+    python benchmarks/world_diagnostics.py --ckpt world/world_sd15.safetensors     # all of them
+    python benchmarks/world_diagnostics.py --state RUN/state.pt                    # a training run's DC gain
 
 A state is world/train.py's `state.pt` (its config names the UNet's widths), e.g. after
 `python world/train.py --out RUN --batches 300 --batch-size 16 --lr 8e-4 [--model-channels 64 --channel-mult 1,2,2]`.
@@ -74,18 +79,40 @@ def background_follows_noise(model, clip, steps: int) -> tuple[float, float]:
     return float(np.corrcoef(noise_mean, background)[0, 1]), float(np.polyfit(noise_mean, background, 1)[0])
 
 
-def single_objects(model, clip, steps: int) -> tuple[int, int]:
+def single_objects(model, clip, steps: int) -> dict[str, int]:
+    """Counts over 6 one-object prompts x 8 seeds: exact, colour (an object of the prompt's colour), shape, total."""
     scenes = effect.pack_module("world.scenes")
     detector = effect.pack_module("world.detector")
     scale = effect.pack_module("world.model").LATENT_SCALE
     seen = scenes.two_object_prompts()["seen"][::3][:8]
-    exact = total = 0
+    counts = {"exact": 0, "colour": 0, "shape": 0, "total": 0}
     for pair in sorted({p for prompt in seen for p in prompt})[:6]:
         latents = _sample(model, clip, [pair], 8, steps)
         for found in detector.detect_batch(scenes.latent_to_rgb(latents.float().numpy() * scale)):
-            exact += {d.pair for d in found} == {pair}
-            total += 1
-    return exact, total
+            counts["exact"] += {d.pair for d in found} == {pair}
+            counts["colour"] += any(d.pair[0] == pair[0] for d in found)
+            counts["shape"] += any(d.pair[1] == pair[1] for d in found)
+            counts["total"] += 1
+    return counts
+
+
+def shape_word_effect(model, clip, steps: int) -> dict[str, float]:
+    """Mean |picture difference| (rgb) over 8 seeds when only the shape word changes and when only the colour word
+    does, and the text encoder's relative change at the changed word's position."""
+    scale = effect.pack_module("world.model").LATENT_SCALE
+    scenes = effect.pack_module("world.scenes")
+    prompts = {"circle": [("blue", "circle")], "square": [("blue", "square")], "triangle": [("blue", "triangle")],
+               "red": [("red", "circle")]}
+    pictures = {k: scenes.latent_to_rgb(_sample(model, clip, v, 8, steps).float().numpy() * scale)
+                for k, v in prompts.items()}
+    encoded = {k: clip.encode_from_tokens(clip.tokenize(scenes.caption(v)))[0] for k, v in prompts.items()}
+
+    def text_change(a, b, position):  # position in 'a <colour> <shape>' after the start token
+        return float((encoded[a][position] - encoded[b][position]).norm() / encoded[a][position].norm())
+    return {"shape": float(sum(abs(pictures["circle"] - pictures[k]).mean() for k in ("square", "triangle")) / 2),
+            "colour": float(abs(pictures["circle"] - pictures["red"]).mean()),
+            "text_shape": (text_change("circle", "square", 3) + text_change("circle", "triangle", 3)) / 2,
+            "text_colour": text_change("circle", "red", 2)}
 
 
 def main(argv=None) -> None:
@@ -120,8 +147,13 @@ def main(argv=None) -> None:
         correlation, slope = background_follows_noise(model, clip, args.steps)
         print(f"background vs initial noise mean (16 images): correlation {correlation:.2f}, slope {slope:.1f} "
               f"(sigma_max {float(model.model.model_sampling.sigma_max):.1f})")
-        exact, total = single_objects(model, clip, args.steps)
-        print(f"single objects drawn exactly: {exact} of {total}")
+        counts = single_objects(model, clip, args.steps)
+        print(f"single objects (of {counts['total']}): drawn exactly {counts['exact']}; an object of the prompt's "
+              f"colour {counts['colour']}, of its shape {counts['shape']}")
+        words = shape_word_effect(model, clip, args.steps)
+        print(f"pictures' mean |difference| when only the shape word changes {words['shape']:.4f}, when only the "
+              f"colour word does {words['colour']:.4f}; text encoder output at the changed word: "
+              f"{words['text_shape']:.3f} (shape), {words['text_colour']:.3f} (colour) relative")
     print("DC gain (ideal 1) at sigma " + ", ".join(f"{s}: {g:.3f}" for s, g in gains.items()))
 
 
