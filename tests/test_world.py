@@ -1,6 +1,5 @@
 """The procedural world (issue 16): scenes, captions, held-out splits, the detector, the fixed VAE, the world
 model's checkpoint through Load Checkpoint, and the training script (a few batches)."""
-import copy
 import dataclasses
 import io
 import json
@@ -18,7 +17,6 @@ import pytest
 import torch
 from PIL import Image
 
-import folder_paths
 import nodes
 from harness import PACK_DIR, Server, get_json, pack_module, run_node
 
@@ -161,18 +159,6 @@ def test_training_runs_loss_falls_and_a_save_resumes(tmp_path):
     assert train.load(out).batch == 8
 
 
-def _load_checkpoint(path):
-    world_model.register()
-    saved = copy.deepcopy(folder_paths.folder_names_and_paths["checkpoints"])
-    try:
-        folder_paths.add_model_folder_path("checkpoints", str(path.parent))
-        folder_paths.filename_list_cache.pop("checkpoints", None)
-        return run_node(nodes.CheckpointLoaderSimple, ckpt_name=path.name)[:3]
-    finally:
-        folder_paths.folder_names_and_paths["checkpoints"] = saved
-        folder_paths.filename_list_cache.pop("checkpoints", None)
-
-
 def _vae_shows_clean_renders(vae, seed):
     drawn = scenes.sample_scenes(seed, 3, split="any")
     image, _ = scenes.render(drawn)
@@ -189,7 +175,7 @@ def test_checkpoint_loads_through_load_checkpoint_and_samples(tmp_path, widths):
     train.save(trainer, tmp_path)
     path = tmp_path / train.CHECKPOINT_NAME
     assert path.stat().st_size < 25_000_000
-    model, clip, vae = _load_checkpoint(path)
+    model, clip, vae = world_model.load_checkpoint(path)
     assert isinstance(model.model.model_config, world_model.WorldSD15)
     detected = model.model.model_config.unet_config
     assert (detected["model_channels"], tuple(detected["channel_mult"])) == \
@@ -223,7 +209,7 @@ SHIPPED = Path(train.PACK_DIR) / "world" / train.CHECKPOINT_NAME
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="no shipped world checkpoint")
 def test_shipped_checkpoint_loads_and_shows_the_scene():
     assert SHIPPED.stat().st_size < 25_000_000
-    model, clip, vae = _load_checkpoint(SHIPPED)
+    model, clip, vae = world_model.load_checkpoint(SHIPPED)
     assert isinstance(model.model.model_config, world_model.WorldSD15)
     _vae_shows_clean_renders(vae, 15)
     (positive,) = run_node(nodes.CLIPTextEncode, clip=clip, text="a red circle")[:1]

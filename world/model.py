@@ -99,10 +99,10 @@ def _detection_class(model_channels: int, channel_mult) -> type:
 def register() -> None:
     """Lets ComfyUI's checkpoint detection recognise the world model at each of UNET_WIDTHS (idempotent)."""
     for model_channels, channel_mult in UNET_WIDTHS:
-        wanted = _detection_class(model_channels, channel_mult).unet_config
-        if not any(getattr(model, "__name__", "") == WorldSD15.__name__ and getattr(model, "unet_config", None) ==
-                   wanted for model in comfy.supported_models.models):
-            comfy.supported_models.models.append(_detection_class(model_channels, channel_mult))
+        wanted = _detection_class(model_channels, channel_mult)
+        if not any(getattr(model, "__name__", "") == wanted.__name__ and getattr(model, "unet_config", None) ==
+                   wanted.unet_config for model in comfy.supported_models.models):
+            comfy.supported_models.models.append(wanted)
 
 
 def load_checkpoint(path) -> tuple:
@@ -119,7 +119,10 @@ def load_checkpoint(path) -> tuple:
     try:
         folder_paths.add_model_folder_path("checkpoints", str(path.parent))
         folder_paths.filename_list_cache.pop("checkpoints", None)
-        return nodes.CheckpointLoaderSimple().load_checkpoint(path.name)[:3]
+        loader = nodes.CheckpointLoaderSimple  # V1 here; called as the executor would, should it move to V3
+        if hasattr(loader, "execute") and not hasattr(loader, "FUNCTION"):
+            return tuple(loader.execute(ckpt_name=path.name).args)[:3]
+        return getattr(loader(), loader.FUNCTION)(ckpt_name=path.name)[:3]
     finally:
         folder_paths.folder_names_and_paths["checkpoints"] = saved
         folder_paths.filename_list_cache.pop("checkpoints", None)
