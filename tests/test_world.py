@@ -159,6 +159,88 @@ def test_training_runs_loss_falls_and_a_save_resumes(tmp_path):
     assert train.load(out).batch == 8
 
 
+def test_frozen_text_encoder_stays_as_it_started_and_the_unet_trains():
+    trainer = train.make_trainer(_config(freeze_text=True, shape_weight=0.05, shape_min_sigma=0.0))
+    text = {k: v.clone() for k, v in trainer.clip.cond_stage_model.state_dict().items()}
+    unet = {k: v.clone() for k, v in trainer.model.diffusion_model.state_dict().items()}
+    trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not trained & {id(p) for p in trainer.clip.cond_stage_model.parameters()}
+    for _ in range(2):
+        train.step(trainer)
+    assert all(torch.equal(v, text[k]) for k, v in trainer.clip.cond_stage_model.state_dict().items())
+    assert any(not torch.equal(v, unet[k]) for k, v in trainer.model.diffusion_model.state_dict().items())
+
+
+def test_eps_loss_weight_is_p2_and_weighs_the_objects():
+    """P2's 1 / (1 + SNR)^gamma from SD1.x's alphas_cumprod (SNR = a / (1 - a)), and the object weight: mean
+    1, the same on every background pixel, higher on an object and its one-pixel ring."""
+    sampling = world_model.make_unet_model(0).model_sampling
+    steps = torch.tensor([0, 250, 500, 999])
+    sigma = sampling.sigmas[steps].float()
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # SD1.x's scaled linear
+    alpha = torch.cumprod(1 - betas, 0)[steps].float()
+    cover = torch.zeros(4, 3, 32, 32)
+    for gamma in (0.5, 1.0):
+        weight = train.eps_loss_weight(sigma, cover, p2_gamma=gamma)
+        assert torch.allclose(weight[:, 0, 0, 0], (1 / (1 + alpha / (1 - alpha))) ** gamma, rtol=1e-4)
+    assert torch.equal(train.eps_loss_weight(sigma, cover), torch.ones(4, 1, 32, 32))
+    drawn = scenes.sample_scenes(3, 4, split="any")
+    cover = torch.from_numpy(scenes.render(drawn)[1])
+    weight = train.eps_loss_weight(sigma, cover, object_weight=4.0)[:, 0]
+    assert abs(float(weight.mean()) - 1) < 1e-5
+    on = torch.nn.functional.max_pool2d(cover.sum(1, keepdim=True).clamp(max=1), 3, 1, 1)[:, 0] > 0
+    assert float(weight[~on].max()) == float(weight[~on].min()) < float(weight[on].min())
+    ring = on & (cover.sum(1) == 0)
+    assert ring.any() and float(weight[ring].min()) > float(weight[~on].max())
+
+
+def test_shape_word_term_is_the_margin_on_a_wrong_shape_caption():
+    """The term by hand: the EPS loss with another shape named, against the right caption's, through the hinge."""
+    config = _config(freeze_text=True, shape_weight=1.0, shape_margin=0.1, shape_min_sigma=0.0)
+    trainer = train.make_trainer(config)
+    for _ in range(2):
+        train.step(trainer)
+    data = train.batch_data(trainer, 77)
+    torch.manual_seed(0)
+    x0 = data["latent"]
+    timesteps = torch.tensor([800, 600, 400, 200])
+    sigma = trainer.model.model_sampling.sigmas[timesteps].float()
+    noise = torch.randn(x0.shape)
+    x_in = (x0 + sigma.reshape(-1, 1, 1, 1) * noise) / torch.sqrt(1 + sigma.reshape(-1, 1, 1, 1) ** 2)
+    one = torch.tensor([len(s.objects) == 1 for s in data["scenes"]]) & data["kept"]
+    one[0] = True
+    data["scenes"][0] = scenes.sample_scene(0, 0, pairs=[("red", "square")])
+    data["tokens"][0] = world_model.tokenize(trainer.clip, ["a red square"])[0]
+    diffusion_model = trainer.model.diffusion_model
+    with torch.no_grad():
+        eps = diffusion_model(x_in, timesteps.float(), context=world_model.encode_tokens(trainer.clip, data["tokens"]))
+        term = train.shape_word_term(trainer, data, x_in, timesteps, sigma, eps, noise, one)
+        expected = []
+        for row in one.nonzero().flatten().tolist():
+            colour, shape = data["scenes"][row].objects[0].pair
+            wrong_shape = scenes.SHAPES[(scenes.SHAPES.index(shape) + 1 + row % 2) % 3]  # the next, or the one after
+            assert wrong_shape != shape
+            wrong = scenes.caption([(colour, wrong_shape)])
+            context = world_model.encode_tokens(trainer.clip, world_model.tokenize(trainer.clip, [wrong]))
+            wrong_loss = ((diffusion_model(x_in[row:row + 1], timesteps[row:row + 1].float(), context=context)
+                           - noise[row]) ** 2).mean()
+            right = ((eps[row] - noise[row]) ** 2).mean()
+            expected.append(torch.relu(0.1 - (wrong_loss - right) / right))
+    assert torch.allclose(term, torch.stack(expected).mean(), rtol=1e-4), (term, expected)
+    no_rows = torch.zeros_like(one)
+    assert float(train.shape_word_term(trainer, data, x_in, timesteps, sigma, eps, noise, no_rows)) == 0.0
+
+
+@pytest.mark.parametrize("value, parsed", [("true", True), ("False", False), ("1", True), ("off", False)])
+def test_boolean_training_options_parse(value, parsed):
+    assert train._flag(value) is parsed
+
+
+def test_a_boolean_training_option_that_is_not_one_is_refused():
+    with pytest.raises(SystemExit):
+        train.main(["--out", "unused", "--freeze-text", "maybe"])
+
+
 def _vae_shows_clean_renders(vae, seed):
     drawn = scenes.sample_scenes(seed, 3, split="any")
     image, _ = scenes.render(drawn)
