@@ -15,9 +15,12 @@ prompt; and it draws the right colour in a wrong shape. Measured:
   shape word      the same seeds for 'a blue circle', 'a blue square', 'a blue triangle' and 'a red circle': the
                   pictures' mean |difference| when only the shape word changes, against when only the colour word
                   does; and the text encoder's output at the shape word's position, how much it changes (relative)
+  caption gap     the EPS loss on one-object renders (sigma 1 and 3) with a wrong shape word, and with a wrong
+                  colour word, against the right caption (relative; 0 = the word is not used): no sampling, so it
+                  also reads a training run's state.pt while it trains
 
     python benchmarks/world_diagnostics.py --ckpt world/world_sd15.safetensors     # all of them
-    python benchmarks/world_diagnostics.py --state RUN/state.pt                    # a training run's DC gain
+    python benchmarks/world_diagnostics.py --state RUN/state.pt                    # DC gain and caption gap
 
 A state is world/train.py's `state.pt` (its config names the UNet's widths), e.g. after
 `python world/train.py --out RUN --batches 300 --batch-size 16 --lr 8e-4 [--model-channels 64 --channel-mult 1,2,2]`.
@@ -150,7 +153,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", type=Path, help="a world checkpoint (.safetensors): all three measurements")
-    source.add_argument("--state", type=Path, help="world/train.py's state.pt: the DC gain")
+    source.add_argument("--state", type=Path, help="world/train.py's state.pt: the DC gain and the caption gap")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)

@@ -23,6 +23,18 @@ timestep per image of SD1.x's 1000-step schedule, EPS loss. Two attention terms 
       there (the padding, or the first 'a', where the mass went with a padding-only term) leaves the
       subjects' maps at 0 after it (A&E's loss stuck at 1).
 
+Options for making the shape word matter (world/README.md: the shipped model's pictures ignore it; none is on by
+default, so the shipped recipe stays what it was):
+
+  --freeze-text true  the text encoder stays at its random start and only the UNet trains (SD1.x trained with
+      CLIP frozen). Trained jointly, the encoder's outputs for circle, square and triangle collapsed (8% apart at
+      the shape word's position; 45-80% for a random encoder).
+  --object-weight W   EPS loss weight 1 + W on the objects' pixels and the ring around them (mean 1).
+  --p2-gamma G        P2 weighting (Choi et al. 2022): EPS loss x 1 / (1 + SNR)^G, less weight on the low noise
+      levels that only clean up detail.
+  --shape-weight W    the shape-word term (`shape_word_term`): with the caption's shape word swapped, the EPS loss
+      must rise by --shape-margin of the right caption's, on one-object scenes at sigma >= --shape-min-sigma.
+
 The UNet's widths: --model-channels and --channel-mult (default 32 and 1,3,3, the shipped model's). At 32
 channels the first level has one channel per GroupNorm group and the model cannot see the initial noise's mean
 (world/README.md); --model-channels 64 --channel-mult 1,2,2 is the wider UNet that can.
