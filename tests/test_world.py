@@ -218,7 +218,7 @@ def test_shape_word_term_is_the_margin_on_a_wrong_shape_caption():
         expected = []
         for row in one.nonzero().flatten().tolist():
             colour, shape = data["scenes"][row].objects[0].pair
-            wrong_shape = scenes.SHAPES[(scenes.SHAPES.index(shape) + 1 + row % 2) % 3]  # the next, or the one after
+            wrong_shape = scenes.other_shape(shape, 1 + row % 2)  # the next, or the one after
             assert wrong_shape != shape
             wrong = scenes.caption([(colour, wrong_shape)])
             context = world_model.encode_tokens(trainer.clip, world_model.tokenize(trainer.clip, [wrong]))

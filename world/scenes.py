@@ -93,6 +93,11 @@ def caption_token_positions(count: int) -> list[tuple[int, int]]:
     return [(4 * slot + 2, 4 * slot + 3) for slot in range(count)]
 
 
+def other_shape(shape: str, step: int = 1) -> str:
+    """The shape `step` places after `shape` in SHAPES (cyclic): a wrong shape word for a caption."""
+    return SHAPES[(SHAPES.index(shape) + step) % len(SHAPES)]
+
+
 def seen_pairs() -> list[Pair]:
     return [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELD_OUT_PAIRS]
 

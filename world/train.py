@@ -235,7 +235,7 @@ def shape_word_term(trainer: Trainer, data: dict, x_in, timesteps, sigma, eps, n
     wrong = []
     for row in rows.tolist():
         colour, shape = data["scenes"][row].objects[0].pair
-        wrong.append(scenes.caption([(colour, scenes.SHAPES[(scenes.SHAPES.index(shape) + 1 + row % 2) % 3])]))
+        wrong.append(scenes.caption([(colour, scenes.other_shape(shape, 1 + row % 2))]))
     with torch.set_grad_enabled(not config.freeze_text):
         context = world_model.encode_tokens(trainer.clip, world_model.tokenize(trainer.clip, wrong))
     eps_wrong = trainer.model.diffusion_model(x_in[rows], timesteps[rows].float(), context=context)
