@@ -5,14 +5,16 @@
 The case is the one of example_workflows/attend_and_excite_world.json (its prompt, subjects, seed, steps, cfg
 and size): a two-object prompt for which the plain model drops a subject and Attend-and-Excite, at the paper's
 settings, brings it back. The checkpoint goes through Load Checkpoint, the pictures through VAE Decode, the
-maps through the Attention Map Visualiser, as in the workflow.
+maps through the Attention Map Visualiser, as in the workflow. It also writes the example's thumbnail
+(example_workflows/attend_and_excite_world.jpg, what the template browser shows): plain and A&E above, A&E's
+subject maps (mean over the steps, over its picture) below.
 """
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -23,6 +25,7 @@ import torch  # noqa: E402
 
 OUT = ROOT / "docs" / "figures"
 EXAMPLE = ROOT / "example_workflows" / "attend_and_excite_world.json"
+THUMBNAIL = EXAMPLE.with_suffix(".jpg")
 CHECKPOINT = ROOT / "world" / "world_sd15.safetensors"
 
 
@@ -32,6 +35,20 @@ def save(array: np.ndarray, name: str, scale: int = 1) -> None:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
     picture.save(OUT / name)
     print("wrote", OUT / name)
+
+
+def thumbnail(panels: list[tuple[str, np.ndarray]], side: int = 256, gap: int = 8, strip: int = 24) -> Image.Image:
+    """A 2x2 contact sheet of (label, picture) panels, each `side` px under a `strip` px label."""
+    rendering = pack_module("pictures.rendering")
+    face = rendering.font(12)
+    sheet = Image.new("RGB", (2 * side + gap, 2 * (side + strip)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for index, (label, picture) in enumerate(panels):
+        x, y = (index % 2) * (side + gap), (index // 2) * (side + strip)
+        draw.text((x + 4, y + 6), label, fill="black", font=face)
+        tile = Image.fromarray((np.clip(picture, 0, 1) * 255).astype(np.uint8)).resize((side, side), Image.BILINEAR)
+        sheet.paste(tile, (x, y + strip))
+    return sheet
 
 
 def example_settings() -> dict:
@@ -74,6 +91,15 @@ def main():
         save(np.concatenate(list(heat), axis=1), f"{name}_maps_step{last_guided}.png")
         save(visualiser.render(record, "overlap", -1, "turbo", 0.0, 0)[0], f"{name}_overlap.png")
     save(visualiser.render(runs["attend_and_excite"][1], "timeline", 0, "turbo", 0.0, 0)[0], "timeline.png")
+    pictures = {name: vae.decode(samples["samples"]).detach() for name, (samples, _record) in runs.items()}
+    guided_maps = visualiser.render(runs["attend_and_excite"][1], "average", -1, "turbo", 0.6, 0,
+                                    image=pictures["attend_and_excite"])
+    subjects = runs["attend_and_excite"][1].subjects.labels
+    panels = [(f"plain KSampler, seed {case['seed']}", pictures["plain"][0].numpy()),
+              (f"Attend-and-Excite, seed {case['seed']}", pictures["attend_and_excite"][0].numpy())]
+    panels += [(f"A&E map: {label}", heat) for label, heat in zip(subjects, guided_maps)]
+    thumbnail(panels[:4]).save(THUMBNAIL, quality=90)
+    print("wrote", THUMBNAIL)
     save(visualiser.render(runs["attend_and_excite"][1], "loss plot", 0, "turbo", 0.0, 0)[0], "loss_plot.png")
     L = pack_module("guidance.losses")
     for name, (_samples, record) in runs.items():

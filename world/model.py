@@ -69,9 +69,10 @@ class WorldSD15(comfy.supported_models.SD15):
         return comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, WorldClipModel)
 
 
-# The UNet widths checkpoint detection knows, (model_channels, channel_mult): the shipped model's, and the wider
-# one whose first level has two channels per GroupNorm group (world/README.md: at 32 channels, one per group,
-# every norm removes each channel's mean, and the model cannot see the initial noise's).
+# The UNet widths checkpoint detection knows, (model_channels, channel_mult): the first world model's (UNET_CONFIG,
+# also the tests' quick default), and the shipped one's, whose first level has two channels per GroupNorm group
+# (world/README.md: at 32 channels, one per group, every norm removes each channel's mean, and the model cannot
+# see the initial noise's).
 UNET_WIDTHS = ((UNET_CONFIG["model_channels"], tuple(UNET_CONFIG["channel_mult"])), (64, (1, 2, 2)))
 
 

@@ -1,10 +1,11 @@
 """Trains the world model (issue 16): the narrow SD1.x UNet and CLIP-L text encoder of `world.model` on the scenes
 of `world.scenes`, and saves it as one single-file SD1.x checkpoint that Load Checkpoint loads.
 
-Run from the pack root with ComfyUI's Python (deterministic from --seed; resumes from the last save in --out):
+Run from the pack root with ComfyUI's Python (deterministic from --seed; resumes from the last save in --out).
+The defaults are the shipped checkpoint's recipe (world/README.md), so this one command trains it:
 
-    python world/train.py --out world_run --batches 1200 --minutes 45
-    python world/train.py --out world_run --batches 1500          # later: carries on from the last save
+    python world/train.py --out world_run
+    python world/train.py --out world_run --batches 1600          # later: carries on from the last save
 
 Per batch: `--batch-size` training scenes (scene index = batch * batch size + row, so the data depend only on
 the seed and the batch number), 10% of the captions dropped to "" (for classifier-free guidance), one
@@ -23,8 +24,8 @@ timestep per image of SD1.x's 1000-step schedule, EPS loss. Two attention terms 
       there (the padding, or the first 'a', where the mass went with a padding-only term) leaves the
       subjects' maps at 0 after it (A&E's loss stuck at 1).
 
-Options for making the shape word matter (world/README.md: the shipped model's pictures ignore it; none is on by
-default, so the shipped recipe stays what it was):
+Options for making the shape word matter (world/README.md: the first world model's pictures ignored it; the
+shipped recipe has the frozen text encoder and the shape-word term on, the other two off):
 
   --freeze-text true  the text encoder stays at its random start and only the UNet trains (SD1.x trained with
       CLIP frozen). Trained jointly, the encoder's outputs for circle, square and triangle collapsed (8% apart at
@@ -35,9 +36,9 @@ default, so the shipped recipe stays what it was):
   --shape-weight W    the shape-word term (`shape_word_term`): with the caption's shape word swapped, the EPS loss
       must rise by --shape-margin of the right caption's, on one-object scenes at sigma >= --shape-min-sigma.
 
-The UNet's widths: --model-channels and --channel-mult (default 32 and 1,3,3, the shipped model's). At 32
-channels the first level has one channel per GroupNorm group and the model cannot see the initial noise's mean
-(world/README.md); --model-channels 64 --channel-mult 1,2,2 is the wider UNet that can.
+The UNet's widths: --model-channels and --channel-mult (default 64 and 1,2,2, the shipped model's). At 32 and
+1,3,3 (the first world model's) the first level has one channel per GroupNorm group and the model cannot see the
+initial noise's mean (world/README.md).
 
 Saves (--save-every batches, and at the end or when --minutes is up): `state.pt` (weights, optimizer, batch
 number, loss log) and `world_sd15.safetensors` (fp16 UNet and text encoder, the fixed VAE).
@@ -64,21 +65,22 @@ STATE_NAME = "state.pt"
 
 @dataclass
 class TrainConfig:
+    # the defaults are the shipped checkpoint's recipe (world/README.md)
     seed: int = 0
-    batch_size: int = 32
-    lr: float = 5e-4
+    batch_size: int = 16
+    lr: float = 8e-4
     warmup: int = 50
     cond_dropout: float = 0.1
     ground_weight: float = 0.2
     ground_target: float = 0.15
     sink_weight: float = 0.05
     grad_clip: float = 1.0
-    model_channels: int = 32        # the UNet's widths (world.model.unet_widths); the shipped model's
-    channel_mult: str = "1,3,3"
-    freeze_text: bool = False       # keep the text encoder at its random start (SD trains with CLIP frozen)
+    model_channels: int = 64        # the UNet's widths (world.model.unet_widths)
+    channel_mult: str = "1,2,2"
+    freeze_text: bool = True        # keep the text encoder at its random start (SD trains with CLIP frozen)
     object_weight: float = 0.0      # extra EPS-loss weight on the objects' pixels and the ring around them
     p2_gamma: float = 0.0           # P2 weighting (Choi et al. 2022): EPS loss x (sigma^2 / (1 + sigma^2))^gamma
-    shape_weight: float = 0.0       # weight of the shape-word term (one-object scenes, sigma >= shape_min_sigma)
+    shape_weight: float = 0.05      # weight of the shape-word term (one-object scenes, sigma >= shape_min_sigma)
     shape_margin: float = 0.1       # ... the wrong shape word must raise the EPS loss by this share of the right one's
     shape_min_sigma: float = 1.0
 
@@ -332,7 +334,7 @@ def main(argv=None) -> None:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder of state.pt and the checkpoint")
-    parser.add_argument("--batches", type=int, default=1200, help="train up to this many batches in all")
+    parser.add_argument("--batches", type=int, default=1400, help="train up to this many batches in all")
     parser.add_argument("--minutes", type=float, default=None, help="stop (and save) after this much wall time")
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
