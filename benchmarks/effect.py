@@ -37,6 +37,11 @@ Run from the pack root with ComfyUI's Python:
 
     python benchmarks/effect.py --ckpt world/world_sd15.safetensors                 # the full table
     python benchmarks/effect.py --ckpt world/world_sd15.safetensors --quick         # minutes
+
+A run is one process on `--threads` threads; the batches are small, so two cores go further as separate
+processes, each with plain and a share of the methods (`--methods plain,attend_and_excite,A-STAR --save a.txt`,
+...). `--join a.txt b.txt ... --save all.txt` joins their reports into one table, after checking that plain's
+outcomes are the same in each.
 """
 from __future__ import annotations
 
@@ -249,6 +254,58 @@ def report(results: dict, splits: dict, header: list[str]) -> str:
     return "\n".join(lines)
 
 
+def settings_lines(args, changed: dict) -> list[str]:
+    """The report's first lines: the run's settings (reports joined must have the same)."""
+    return [f"effect: {args.ckpt.name}, {args.steps} steps euler/normal, cfg {args.cfg}, 256 px (latent 32x32, maps "
+            f"16x16), {args.seeds} images per prompt (one batch, seed 0), max refinement {args.max_refinement}",
+            "settings: the papers' (" + ", ".join(f"{k} {v}" for k, v in GUIDANCE_DEFAULTS.items()
+                                                  if k != "max_refinement_steps") + ")"
+            + ("" if not changed else "; NOT the papers': " + ", ".join(f"{k} {v}" for k, v in changed.items()))]
+
+
+def plain_line(measured: dict) -> str:
+    """Plain's attention grounding (point 3 of the issue), from `measure`'s output."""
+    hits, peaks = measured["hits"], measured["peaks"]
+    return (f"plain: drawn objects whose subject map peaks inside them at step {measured['last_guided']}: "
+            f"{sum(hits) / max(len(hits), 1):.3f} of {len(hits)}; subjects' raw peak mean "
+            f"{statistics.fmean(peaks) if peaks else 0:.3f} (median {statistics.median(peaks) if peaks else 0:.3f})")
+
+
+def _sections(text: str) -> tuple[list[str], list[list[str]]]:
+    """A report's header lines and its split sections (title, column line, method rows)."""
+    blocks = text.strip("\n").split("\n\n")
+    return blocks[0].splitlines(), [block.splitlines() for block in blocks[1:]]
+
+
+def join_reports(texts: list[str]) -> str:
+    """One table from reports of the same run settings over different methods (each with plain): the first report's
+    rows, then each other report's methods that are not in it yet. Refused when the settings, the splits, plain's
+    attention line or plain's outcomes (every column but s/img) differ: then the reports are not of the same
+    images. The timing line (the third) may differ."""
+    header, sections = _sections(texts[0])
+    for text in texts[1:]:
+        other = _sections(text)[0]
+        if [line for i, line in enumerate(other) if i != 2] != [line for i, line in enumerate(header) if i != 2]:
+            raise ValueError("the reports' settings or plain's attention differ: not the same run settings")
+    header = header + [f"joined with another process's report ({_sections(t)[0][2].split('; ')[-1]})" for t in texts[1:]]
+    for text in texts[1:]:
+        _, others = _sections(text)
+        if [section[0] for section in others] != [section[0] for section in sections]:
+            raise ValueError("the reports cover different splits or image counts: not the same run settings")
+        for section, other in zip(sections, others):
+            rows = {line[:26].strip(): line for line in section[2:]}
+            for line in other[2:]:
+                name = line[:26].strip()
+                if name == "plain":
+                    if line.split()[:9] != rows["plain"].split()[:9]:
+                        raise ValueError(f"plain differs between the reports in {section[0]!r}: "
+                                         f"{rows['plain']!r} against {line!r}")
+                elif name not in rows:
+                    section.append(line)
+                    rows[name] = line
+    return "\n\n".join("\n".join(block) for block in [header, *sections])
+
+
 def save_grid(path: Path, vae, latents: dict, labels: list[str]) -> None:
     """Rows = (prompt, seed) images, columns = methods, VAE-decoded through the checkpoint's VAE."""
     import numpy as np
@@ -313,7 +370,9 @@ def measure(model, clip, methods: dict, splits: dict, args, progress: bool = Tru
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", type=Path, required=True, help="the world checkpoint (.safetensors)")
+    parser.add_argument("--ckpt", type=Path, help="the world checkpoint (.safetensors)")
+    parser.add_argument("--join", type=Path, nargs="+", metavar="REPORT",
+                        help="join saved reports of the same settings over different methods into one table")
     parser.add_argument("--quick", action="store_true", help="4 methods, 2 prompts per split, 4 seeds, 10 steps")
     parser.add_argument("--methods", default=None, help="comma-separated (default: all; --quick: " + ", ".join(QUICK_METHODS) + ")")
     parser.add_argument("--prompts-per-split", type=int, default=None, help="default: all (--quick: 2)")
@@ -328,6 +387,17 @@ def main(argv=None) -> None:
     parser.add_argument("--save", type=Path, default=None, help="write the report here too")
     parser.add_argument("--grid", type=Path, default=None, help="PNG of plain and each method, same seeds")
     args = parser.parse_args(argv)
+    if args.join:
+        try:
+            text = join_reports([path.read_text() for path in args.join])
+        except ValueError as error:
+            raise SystemExit(f"--join: {error}") from None
+        print(text)
+        if args.save:
+            args.save.write_text(text + "\n")
+        return
+    if args.ckpt is None:
+        parser.error("--ckpt is required (or --join REPORT ...)")
     if args.quick:
         args.prompts_per_split = args.prompts_per_split or 2
         args.seeds = min(args.seeds, 4)
@@ -345,17 +415,10 @@ def main(argv=None) -> None:
     if args.prompts_per_split:
         splits = {k: v[:args.prompts_per_split] for k, v in splits.items()}
     measured = measure(model, clip, methods, splits, args)
-    results, hits, peaks = measured["results"], measured["hits"], measured["peaks"]
-    last_guided, started = measured["last_guided"], measured["started"]
-    header = [f"effect: {args.ckpt.name}, {args.steps} steps euler/normal, cfg {args.cfg}, 256 px (latent 32x32, maps "
-              f"16x16), {args.seeds} images per prompt (one batch, seed 0), max refinement {args.max_refinement}",
-              "settings: the papers' (" + ", ".join(f"{k} {v}" for k, v in GUIDANCE_DEFAULTS.items()
-                                                    if k != "max_refinement_steps") + ")"
-              + ("" if not changed else "; NOT the papers': " + ", ".join(f"{k} {v}" for k, v in changed.items())),
+    results, started = measured["results"], measured["started"]
+    header = [*settings_lines(args, changed),
               f"torch {torch.__version__}, {args.threads} threads, cpu; wall time {time.perf_counter() - started:.0f} s",
-              f"plain: drawn objects whose subject map peaks inside them at step {last_guided}: "
-              f"{sum(hits) / max(len(hits), 1):.3f} of {len(hits)}; subjects' raw peak mean "
-              f"{statistics.fmean(peaks) if peaks else 0:.3f} (median {statistics.median(peaks) if peaks else 0:.3f})"]
+              plain_line(measured)]
     text = report(results, splits, header)
     print(text)
     if args.save:

@@ -106,3 +106,35 @@ def test_dc_gain_measures_whether_the_noise_mean_is_predicted(effect):
         assert len(gains) == 3 and max(gains) == pytest.approx(float(sampling.sigma_max), abs=0.01)
         # (the schedule's sigma -> timestep -> sigma round trip is exact to about 1e-3)
         assert all(g == pytest.approx(kept, abs=5e-3) for g in gains.values()), gains
+
+
+def test_reports_of_method_shares_join_into_the_one_table(effect, checkpoint):
+    """The full table runs as several processes, each plain and a share of the methods: the joined reports give
+    the rows a single run gives (all but the timing), and reports whose plain differs are refused."""
+    model, clip, _ = effect.load_world(checkpoint)
+    splits = {k: v[:1] for k, v in scenes.two_object_prompts().items()}
+
+    def report(names, **changes):
+        methods = effect.method_configs(names, max_refinement_steps=2)
+        args = _args(ckpt=checkpoint, max_refinement=2, **changes)
+        measured = effect.measure(model, clip, methods, splits, args, progress=False)
+        header = [*effect.settings_lines(args, {}), "torch; wall time 1 s", effect.plain_line(measured)]
+        return effect.report(measured["results"], splits, header)
+
+    def rows(text):  # split title -> method -> its columns without s/img
+        _, sections = effect._sections(text)
+        return {s[0]: {line[:26].strip(): line.split()[:9] + line.split()[10:] for line in s[2:]} for s in sections}
+
+    whole = report(["plain", "attend_and_excite", "A-STAR"])
+    joined = effect.join_reports([report(["plain", "attend_and_excite"]), report(["plain", "A-STAR"])])
+    assert rows(joined) == rows(whole) and len(rows(whole)) == 4  # all + 3 splits
+    assert "joined with another process's report (wall time 1 s)" in joined
+    with pytest.raises(ValueError, match="not the same run settings"):
+        effect.join_reports([whole, report(["plain", "A-STAR"], cfg=2.0)])
+    lines = whole.splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith("plain "))
+    tokens = lines[row].split()
+    tokens[4] = "0.999" if tokens[4] != "0.999" else "0.998"  # plain's 'both' rate
+    lines[row] = f"{'plain':<26} " + " ".join(tokens[1:])
+    with pytest.raises(ValueError, match="plain differs"):
+        effect.join_reports([whole, "\n".join(lines)])
