@@ -5,7 +5,7 @@ Run from the pack root with ComfyUI's Python (deterministic from --seed; resumes
 The defaults are the shipped checkpoint's recipe (world/README.md), so this one command trains it:
 
     python world/train.py --out world_run
-    python world/train.py --out world_run --batches 1600          # later: carries on from the last save
+    python world/train.py --out world_run --batches 3000          # later: carries on from the last save
 
 Per batch: `--batch-size` training scenes (scene index = batch * batch size + row, so the data depend only on
 the seed and the batch number), 10% of the captions dropped to "" (for classifier-free guidance), one
@@ -334,7 +334,7 @@ def main(argv=None) -> None:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder of state.pt and the checkpoint")
-    parser.add_argument("--batches", type=int, default=1400, help="train up to this many batches in all")
+    parser.add_argument("--batches", type=int, default=2400, help="train up to this many batches in all")
     parser.add_argument("--minutes", type=float, default=None, help="stop (and save) after this much wall time")
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
