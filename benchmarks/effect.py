@@ -283,13 +283,12 @@ def join_reports(texts: list[str]) -> str:
     attention line or plain's outcomes (every column but s/img) differ: then the reports are not of the same
     images. The timing line (the third) may differ."""
     header, sections = _sections(texts[0])
+    joined = list(header)
     for text in texts[1:]:
-        other = _sections(text)[0]
-        if [line for i, line in enumerate(other) if i != 2] != [line for i, line in enumerate(header) if i != 2]:
+        other_header, others = _sections(text)
+        if [line for i, line in enumerate(other_header) if i != 2] != [line for i, line in enumerate(header) if i != 2]:
             raise ValueError("the reports' settings or plain's attention differ: not the same run settings")
-    header = header + [f"joined with another process's report ({_sections(t)[0][2].split('; ')[-1]})" for t in texts[1:]]
-    for text in texts[1:]:
-        _, others = _sections(text)
+        joined.append(f"joined with another process's report ({other_header[2].split('; ')[-1]})")
         if [section[0] for section in others] != [section[0] for section in sections]:
             raise ValueError("the reports cover different splits or image counts: not the same run settings")
         for section, other in zip(sections, others):
@@ -303,7 +302,7 @@ def join_reports(texts: list[str]) -> str:
                 elif name not in rows:
                     section.append(line)
                     rows[name] = line
-    return "\n\n".join("\n".join(block) for block in [header, *sections])
+    return "\n\n".join("\n".join(block) for block in [joined, *sections])
 
 
 def save_grid(path: Path, vae, latents: dict, labels: list[str]) -> None:

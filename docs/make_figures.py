@@ -82,8 +82,9 @@ def main():
         runs[name] = (out.args[0], out.args[1])
     last_guided = int(round(0.5 * case["steps"])) - 1
     detector = pack_module("world.detector")
+    pictures = {}
     for name, (samples, record) in runs.items():
-        image = vae.decode(samples["samples"]).detach()
+        image = pictures[name] = vae.decode(samples["samples"]).detach()
         found = detector.detect(image[0].numpy().astype(np.float64))
         print(f"{name}: the detector finds {', '.join(f'{d.colour} {d.shape}' for d in found) or 'nothing'}")
         save(image[0].numpy(), f"{name}_image.png")
@@ -91,7 +92,6 @@ def main():
         save(np.concatenate(list(heat), axis=1), f"{name}_maps_step{last_guided}.png")
         save(visualiser.render(record, "overlap", -1, "turbo", 0.0, 0)[0], f"{name}_overlap.png")
     save(visualiser.render(runs["attend_and_excite"][1], "timeline", 0, "turbo", 0.0, 0)[0], "timeline.png")
-    pictures = {name: vae.decode(samples["samples"]).detach() for name, (samples, _record) in runs.items()}
     guided_maps = visualiser.render(runs["attend_and_excite"][1], "average", -1, "turbo", 0.6, 0,
                                     image=pictures["attend_and_excite"])
     subjects = runs["attend_and_excite"][1].subjects.labels
