@@ -27,7 +27,10 @@ noise ComfyUI's KSampler gives batch row i of seed s):
 Methods: plain; every loss of `guidance.losses.LOSSES` alone at weight 1 with the Attention Guidance node's
 defaults (the papers' settings: scale factor 20, guided over the first half, A&E's refinement where the A&E
 loss is on); A-STAR (segregation + retention, guided over the whole schedule, no refinement); D&B
-(attendance + divide_and_bind_binding, 1 each). Sampling: euler/normal, cfg 7.5, 256 px (32x32 latent),
+(attendance + divide_and_bind_binding, 1 each); InitNO (the Attention InitNO node at its defaults, the paper's
+schedule: 5 rounds of 10 Adam steps, then 50) before plain sampling, and InitNO + A&E (then A&E at the papers'
+settings, as the authors' pipeline runs it). InitNO optimises a batch's noise together: a round succeeds when every
+image of the batch does, as in a graph with a batch of latents. Sampling: euler/normal, cfg 7.5, 256 px (32x32 latent),
 captured maps 16x16 (`attention_resolution` 16: the world model's 16x16 cross-attention layers).
 
 Plain, for point 3 of the issue: the share of drawn objects whose subject map (raw attention, noun and
@@ -54,6 +57,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -87,14 +91,25 @@ COMBINATIONS = {
     "A-STAR": ({"segregation": 1.0, "retention": 1.0}, {"guidance_end": 1.0}),
     "D&B": ({"attendance": 1.0, "divide_and_bind_binding": 1.0}, {}),
 }
+# InitNO's stage through the Attention InitNO node at its defaults (the paper's schedule): alone before plain
+# sampling, and before A&E as the authors' pipeline runs it
+INITNO_METHODS = {"InitNO": None, "InitNO + A&E": "attend_and_excite"}
 QUICK_METHODS = ("plain", "attend_and_excite", "A-STAR", "D&B")
+
+
+class Method(NamedTuple):
+    """What one row of the table samples with: the Attention Guidance node's GUIDANCE and the Attention InitNO
+    node's INITNO (None: not connected; both None is plain)."""
+    guidance: object = None
+    initno: object = None
 
 
 def method_configs(names: list[str] | None = None, max_refinement_steps: int = 20,
                    changed: dict | None = None) -> dict:
-    """name -> GuidanceConfig (None for plain), built by the Attention Guidance node; `changed`: node inputs set
-    for every method instead of the papers' (GUIDANCE_DEFAULTS), e.g. {"scale_factor": 80.0}."""
+    """name -> Method, its settings built by the Attention Guidance and Attention InitNO nodes; `changed`: node
+    inputs set for every method instead of the papers' (GUIDANCE_DEFAULTS), e.g. {"scale_factor": 80.0}."""
     guidance_node = pack_module("nodes.guidance").AttentionGuidance
+    initno_node = pack_module("nodes.initno").AttentionInitNO
     losses = pack_module("guidance.losses")
     refinement = ", ".join(f"{f}:{t}" for f, t in pack_module("guidance.sampler").DEFAULT_REFINEMENT)
 
@@ -105,11 +120,14 @@ def method_configs(names: list[str] | None = None, max_refinement_steps: int = 2
         inputs = {**GUIDANCE_DEFAULTS, **schedule, **changes, **(changed or {})}
         return guidance_node.execute(**inputs, **all_weights).args[0]
 
-    methods = {"plain": None}
+    methods = {"plain": Method()}
     for name in losses.LOSSES:
-        methods[name] = config({name: 1.0})
+        methods[name] = Method(config({name: 1.0}))
     for name, (weights, changes) in COMBINATIONS.items():
-        methods[name] = config(weights, **changes)
+        methods[name] = Method(config(weights, **changes))
+    initno = initno_node.execute(rounds=5, iterations=10, final_iterations=50).args[0]
+    for name, loss in INITNO_METHODS.items():
+        methods[name] = Method(config({loss: 1.0}) if loss else None, initno)
     if names:
         unknown = [n for n in names if n not in methods]
         if unknown:
@@ -140,9 +158,9 @@ def load_world(checkpoint: Path):
     return pack_module("world.model").load_checkpoint(checkpoint)
 
 
-def run_batch(model, clip, pair_a, pair_b, seed: int, batch: int, config, args):
-    """Samples `batch` images of the prompt; returns latents [B, 4, 32, 32] (VAE space), the ATTENTION record,
-    seconds."""
+def run_batch(model, clip, pair_a, pair_b, seed: int, batch: int, method: Method | None, args):
+    """Samples `batch` images of the prompt with `method` (None: plain); returns latents [B, 4, 32, 32] (VAE
+    space), the ATTENTION record, seconds."""
     import torch
 
     import nodes
@@ -154,10 +172,12 @@ def run_batch(model, clip, pair_a, pair_b, seed: int, batch: int, config, args):
     positive, subject_tokens = encode.execute(clip, prompt, subjects).args
     negative = nodes.CLIPTextEncode().encode(clip, "")[0]
     latent = {"samples": torch.zeros(batch, 4, 32, 32)}
+    method = method or Method()
     start = time.perf_counter()
     with torch.inference_mode():
         out, record = ksampler.execute(model, seed, args.steps, args.cfg, "euler", "normal", positive, negative,
-                                       latent, 1.0, subject_tokens, 16, True, guidance=config).args
+                                       latent, 1.0, subject_tokens, 16, True, guidance=method.guidance,
+                                       initno=method.initno).args
     return out["samples"], record, time.perf_counter() - start
 
 
@@ -229,6 +249,16 @@ def rate(values: list[bool]) -> str:
     return f"{sum(values) / max(len(values), 1):.3f} [{low:.2f}, {high:.2f}]"
 
 
+NAME_WIDTH = 26      # a report row: the method's name padded to this, then the columns below
+OUTCOME_FIELDS = 8   # shapes (rate [low, high]), both (rate [low, high]), fixes, breaks: what the images were
+
+
+def parse_row(line: str) -> tuple[str, list[str], list[str]]:
+    """A report row -> (method name, its outcome fields, the rest: s/img and the A&E loss)."""
+    fields = line[NAME_WIDTH:].split()
+    return line[:NAME_WIDTH].strip(), fields[:OUTCOME_FIELDS], fields[OUTCOME_FIELDS:]
+
+
 def report(results: dict, splits: dict, header: list[str]) -> str:
     lines = list(header)
     for split in ("all", *splits):
@@ -237,7 +267,7 @@ def report(results: dict, splits: dict, header: list[str]) -> str:
         if not keys:
             continue
         lines += ["", f"{split}: {len(keys)} images (prompt, seed)",
-                  f"{'method':<26} {'shapes':>20} {'both (own colours)':>20} {'fixes':>5} {'breaks':>6} {'s/img':>6}"
+                  f"{'method':<{NAME_WIDTH}} {'shapes':>20} {'both (own colours)':>20} {'fixes':>5} {'breaks':>6} {'s/img':>6}"
                   f" {'A&E loss first->last':>21}"]
         for name, values in results.items():
             images = values["images"]
@@ -249,7 +279,7 @@ def report(results: dict, splits: dict, header: list[str]) -> str:
             firsts = [images[k]["aae"][0] for k in keys if images[k]["aae"] is not None]
             lasts = [images[k]["aae"][1] for k in keys if images[k]["aae"] is not None]
             aae = f"{statistics.fmean(firsts):.3f} -> {statistics.fmean(lasts):.3f}" if firsts else "-"
-            lines.append(f"{name:<26} {rate(shapes):>20} {rate(both):>20} {fixes:>5} {breaks:>6} {seconds:>6.2f} "
+            lines.append(f"{name:<{NAME_WIDTH}} {rate(shapes):>20} {rate(both):>20} {fixes:>5} {breaks:>6} {seconds:>6.2f} "
                          f"{aae:>21}")
     return "\n".join(lines)
 
@@ -277,26 +307,35 @@ def _sections(text: str) -> tuple[list[str], list[list[str]]]:
     return blocks[0].splitlines(), [block.splitlines() for block in blocks[1:]]
 
 
+def _settings(header: list[str]) -> list[str]:
+    """A report's header without its timing line (the third) and the lines a join added: what joined reports share."""
+    return [line for i, line in enumerate(header) if i != 2 and not line.startswith(JOINED)]
+
+
+JOINED = "joined with another process's report"
+
+
 def join_reports(texts: list[str]) -> str:
     """One table from reports of the same run settings over different methods (each with plain): the first report's
     rows, then each other report's methods that are not in it yet. Refused when the settings, the splits, plain's
     attention line or plain's outcomes (every column but s/img) differ: then the reports are not of the same
-    images. The timing line (the third) may differ."""
+    images. The timing line (the third) may differ. A joined table joins again (its rows come first)."""
     header, sections = _sections(texts[0])
     joined = list(header)
     for text in texts[1:]:
         other_header, others = _sections(text)
-        if [line for i, line in enumerate(other_header) if i != 2] != [line for i, line in enumerate(header) if i != 2]:
+        if _settings(other_header) != _settings(header):
             raise ValueError("the reports' settings or plain's attention differ: not the same run settings")
-        joined.append(f"joined with another process's report ({other_header[2].split('; ')[-1]})")
+        joined += [line for line in other_header if line.startswith(JOINED)]  # a joined table joins on
+        joined.append(f"{JOINED} ({other_header[2].split('; ', 1)[-1]})")
         if [section[0] for section in others] != [section[0] for section in sections]:
             raise ValueError("the reports cover different splits or image counts: not the same run settings")
         for section, other in zip(sections, others):
-            rows = {line[:26].strip(): line for line in section[2:]}
+            rows = {parse_row(line)[0]: line for line in section[2:]}
             for line in other[2:]:
-                name = line[:26].strip()
+                name, outcome, _ = parse_row(line)
                 if name == "plain":
-                    if line.split()[:9] != rows["plain"].split()[:9]:
+                    if outcome != parse_row(rows["plain"])[1]:
                         raise ValueError(f"plain differs between the reports in {section[0]!r}: "
                                          f"{rows['plain']!r} against {line!r}")
                 elif name not in rows:
@@ -335,6 +374,7 @@ def measure(model, clip, methods: dict, splits: dict, args, progress: bool = Tru
     last_guided = max(0, int(args.steps * GUIDANCE_DEFAULTS["guidance_end"]) - 1)
     results = {name: {"images": {}} for name in methods}
     hits, peaks = [], []
+    initno_runs: dict[str, list[dict]] = {}
     grid_latents = {name: [] for name in methods}
     grid_labels = []
     total = len(methods) * sum(len(v) for v in splits.values())
@@ -349,6 +389,8 @@ def measure(model, clip, methods: dict, splits: dict, args, progress: bool = Tru
                     results[name]["images"][(split, prompt_index, i)] = {
                         "both": row["both"], "shapes": row["shapes"], "seconds": seconds / len(rows),
                         "aae": None if aae is None else (aae[0][i], aae[1][i])}
+                if record.initno is not None:
+                    initno_runs.setdefault(name, []).append(record.initno)
                 if name == "plain":
                     h, p = attention_grounding(record, rows, (pair_a, pair_b), last_guided)
                     hits += h
@@ -364,7 +406,18 @@ def measure(model, clip, methods: dict, splits: dict, args, progress: bool = Tru
     if progress:
         print(file=sys.stderr)
     return {"results": results, "hits": hits, "peaks": peaks, "grid_latents": grid_latents,
-            "grid_labels": grid_labels, "last_guided": last_guided, "started": started}
+            "grid_labels": grid_labels, "last_guided": last_guided, "started": started, "initno": initno_runs}
+
+
+def initno_line(measured: dict) -> str:
+    """How InitNO's stage ended per batch (the record's InitNO entry): successes and the kept noise's scores."""
+    parts = []
+    for name, runs in measured["initno"].items():
+        parts.append(f"{name}: InitNO succeeded in {sum(r['succeeded'] for r in runs)} of {len(runs)} batches, kept "
+                     f"response {statistics.fmean(r['response'] for r in runs):.3f}, conflict "
+                     f"{statistics.fmean(r['conflict'] for r in runs):.3f} (worst image of the batch; success: below "
+                     f"0.2 and 0.3)")
+    return "; ".join(parts)
 
 
 def main(argv=None) -> None:
@@ -416,7 +469,8 @@ def main(argv=None) -> None:
     measured = measure(model, clip, methods, splits, args)
     results, started = measured["results"], measured["started"]
     header = [*settings_lines(args, changed),
-              f"torch {torch.__version__}, {args.threads} threads, cpu; wall time {time.perf_counter() - started:.0f} s",
+              "; ".join([f"torch {torch.__version__}, {args.threads} threads, cpu",
+                         f"wall time {time.perf_counter() - started:.0f} s", *filter(None, [initno_line(measured)])]),
               plain_line(measured)]
     text = report(results, splits, header)
     print(text)

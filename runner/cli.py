@@ -64,6 +64,7 @@ DEFAULT_OUT_FOLDER = "attn_guide"  # under ComfyUI's output folder, where ComfyU
 WORKFLOW_SUFFIXES = (".json", ".png")
 # The pack's own small model, trained on flat shapes (world/): --demo loads it for real where a workflow names it
 WORLD_CHECKPOINT = "world_sd15.safetensors"
+WORLD_DEMO_THREADS = 1  # on a CPU the world example runs on the thread count its shipped pictures were made with
 DEMO_BANNER = ("DEMO MODE: tiny built-in models with RANDOM WEIGHTS. The images are noise and say nothing about "
                "quality; the attention maps and guidance losses are real computations on those random models.")
 
@@ -534,10 +535,12 @@ def _changed_widgets(before: dict, after: dict) -> dict[str, dict]:
 
 def run_workflow(source, options, out: Path, say) -> list[Path]:
     """Runs one read workflow on the booted host; the files written into `out`."""
+    import comfy.model_management
     import comfy.utils
     import execution
     import folder_paths
     import nodes
+    import torch
 
     from . import workflow_convert
     warnings: list[str] = []
@@ -554,6 +557,7 @@ def run_workflow(source, options, out: Path, say) -> list[Path]:
     # the host's folders as they were, for the next workflow of a folder run (the demo's input folder goes)
     folders = (folder_paths.get_output_directory(), folder_paths.get_temp_directory(),
                folder_paths.get_input_directory())
+    threads = torch.get_num_threads()
     try:
         folder_paths.set_output_directory(str(out))
         folder_paths.set_temp_directory(str(scratch / "temp"))
@@ -564,7 +568,13 @@ def run_workflow(source, options, out: Path, say) -> list[Path]:
             demo_inputs = scratch / "input"
             demo_inputs.mkdir()
             folder_paths.set_input_directory(str(demo_inputs))
-            if apply_demo(prompt, options.family, demo_inputs, say) != "world":
+            if apply_demo(prompt, options.family, demo_inputs, say) == "world":
+                if comfy.model_management.get_torch_device().type == "cpu" and threads != WORLD_DEMO_THREADS:
+                    torch.set_num_threads(WORLD_DEMO_THREADS)
+                    say(f"  demo: {WORLD_DEMO_THREADS} CPU thread, as the example's pictures were made: guidance's "
+                        "gradient steps amplify the order in which floats are summed, so another thread count can "
+                        "draw another picture for the same seed")
+            else:
                 # tiny random models, kept quick; the world model runs at the settings the workflow saved
                 random_runs = getattr(options, "random_models", None)
                 if random_runs is not None:  # shared by a folder run's copies of the options
@@ -636,6 +646,7 @@ def run_workflow(source, options, out: Path, say) -> list[Path]:
             written.append(out / name)
         return written
     finally:
+        torch.set_num_threads(threads)
         folder_paths.set_output_directory(folders[0])
         folder_paths.set_temp_directory(folders[1])
         folder_paths.set_input_directory(folders[2])

@@ -72,6 +72,29 @@ def test_plain_row_is_ksampler(effect, checkpoint):
     assert record.resolution == (16, 16) and len(record.steps) == 3
 
 
+def test_initno_rows_run_the_initno_node_stage(effect, checkpoint):
+    """The InitNO rows sample with the Attention InitNO node's settings (the paper's schedule), alone and before
+    A&E; the stage runs (the record says how it ended), changes the noise, and the report's timing line says how
+    often it succeeded."""
+    methods = effect.method_configs(["plain", "InitNO", "InitNO + A&E"])
+    defaults = pack_module("nodes.initno").AttentionInitNO.execute(rounds=5, iterations=10, final_iterations=50).args[0]
+    assert methods["InitNO"] == effect.Method(None, defaults)
+    assert methods["InitNO + A&E"].initno == defaults
+    methods.update(effect.method_configs(["attend_and_excite"]))
+    assert methods["InitNO + A&E"].guidance == methods["attend_and_excite"].guidance  # A&E's row's settings
+    assert {k: w for k, w in methods["InitNO + A&E"].guidance.loss_weights.items() if w} == {"attend_and_excite": 1.0}
+    model, clip, _ = effect.load_world(checkpoint)
+    splits = {"seen": scenes.two_object_prompts()["seen"][:1]}
+    measured = effect.measure(model, clip, {k: methods[k] for k in ("plain", "InitNO")}, splits, _args(),
+                              progress=False)
+    (run,) = measured["initno"]["InitNO"]
+    assert run["history"] and len(run["history"]) <= 5 * 11 + 51  # rounds of 10 steps (+ the score read), then 50
+    assert run["succeeded"] or len(run["history"]) == 5 * 11 + 51
+    plain, initno = measured["grid_latents"]["plain"], measured["grid_latents"]["InitNO"]
+    assert not torch.equal(torch.stack(plain), torch.stack(initno))
+    assert effect.initno_line(measured).startswith(f"InitNO: InitNO succeeded in {int(run['succeeded'])} of 1 batches")
+
+
 def test_wilson_interval(effect):
     low, high = effect.wilson(29, 48)
     assert low == pytest.approx(0.4631, abs=1e-4) and high == pytest.approx(0.7298, abs=1e-4)
@@ -123,12 +146,17 @@ def test_reports_of_method_shares_join_into_the_one_table(effect, checkpoint):
 
     def rows(text):  # split title -> method -> its columns without s/img
         _, sections = effect._sections(text)
-        return {s[0]: {line[:26].strip(): line.split()[:9] + line.split()[10:] for line in s[2:]} for s in sections}
+        return {s[0]: {name: outcome + rest[1:] for name, outcome, rest in map(effect.parse_row, s[2:])}
+                for s in sections}
 
     whole = report(["plain", "attend_and_excite", "A-STAR"])
-    joined = effect.join_reports([report(["plain", "attend_and_excite"]), report(["plain", "A-STAR"])])
+    excite, star = report(["plain", "attend_and_excite"]), report(["plain", "A-STAR"])
+    joined = effect.join_reports([excite, star])
     assert rows(joined) == rows(whole) and len(rows(whole)) == 4  # all + 3 splits
     assert "joined with another process's report (wall time 1 s)" in joined
+    # a joined table joins again (a method added later), keeping the lines of its earlier joins
+    again = effect.join_reports([effect.join_reports([excite, excite]), star])
+    assert rows(again) == rows(whole) and again.count("joined with another process's report") == 2
     with pytest.raises(ValueError, match="not the same run settings"):
         effect.join_reports([whole, report(["plain", "A-STAR"], cfg=2.0)])
     lines = whole.splitlines()

@@ -248,7 +248,7 @@ def _vae_shows_clean_renders(vae, seed):
     assert [sorted(d.pair for d in f) for f in detector.detect_batch(decoded.numpy())] == [_pairs(s) for s in drawn]
 
 
-@pytest.mark.parametrize("widths", [{}, {"model_channels": 32, "channel_mult": "1,3,3"}], ids=["shipped", "narrow"])
+@pytest.mark.parametrize("widths", [{}, {"model_channels": 32, "channel_mult": "1,3,3"}], ids=["shipped", "first"])
 def test_checkpoint_loads_through_load_checkpoint_and_samples(tmp_path, widths):
     """At the shipped UNet widths and at the first world model's narrower ones (world/README.md): a saved checkpoint is detected and
     loaded by Load Checkpoint with its widths, and samples."""
@@ -262,7 +262,11 @@ def test_checkpoint_loads_through_load_checkpoint_and_samples(tmp_path, widths):
     detected = model.model.model_config.unet_config
     assert (detected["model_channels"], tuple(detected["channel_mult"])) == \
         (trainer.model.diffusion_model.model_channels, tuple(trainer.model.diffusion_model.channel_mult))
-    assert detected["model_channels"] == widths.get("model_channels", 64)
+    # the training defaults, make_unet_model's and the shipped checkpoint's widths are one: SHIPPED_WIDTHS
+    expected_widths = world_model.FIRST_MODEL_WIDTHS if widths else world_model.SHIPPED_WIDTHS
+    assert (detected["model_channels"], tuple(detected["channel_mult"])) == expected_widths
+    default = world_model.make_unet_model().diffusion_model
+    assert (default.model_channels, tuple(default.channel_mult)) == world_model.SHIPPED_WIDTHS
     unet = model.model.diffusion_model.state_dict()
     for name, value in trainer.model.diffusion_model.state_dict().items():
         assert torch.allclose(unet[name].float(), value.half().float()), name
@@ -374,15 +378,17 @@ def test_world_example_on_a_real_server_plain_drops_a_subject_and_guidance_bring
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="no shipped world checkpoint")
 def test_run_demo_loads_the_world_model_for_its_example(tmp_path):
     """`run --demo` keeps the world example's checkpoint (the shipped model, not a random one), at the
-    example's own settings, and gives the pictures the real server gives."""
+    example's own settings and on one CPU thread whatever the machine's count (the guided picture depends on the
+    summation order), and gives the pictures the real server gives."""
     _workflow, _text, pairs = _example_case()
     out = tmp_path / "out"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="2")  # two threads draw another guided picture: the demo pins one
     result = subprocess.run([sys.executable, "-m", PACK_DIR.name, "run", str(WORLD_EXAMPLE), "--demo", "--out",
                              str(out)], cwd=PACK_DIR.parent, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "RANDOM WEIGHTS" not in result.stdout and "the pack's own world model" in result.stdout
     assert "demo: 20 steps" not in result.stdout  # the trained model runs the workflow as saved
+    assert "demo: 1 CPU thread" in result.stdout
     pictures = {p.name.rsplit("_", 2)[0]: Image.open(p).copy() for p in (out / "AttnGuide").glob("*.png")}
     outcome = _judge(pictures, pairs)
     assert not outcome["world_plain"][0] and outcome["world_guided"] == (True, True), outcome

@@ -36,12 +36,17 @@ from comfy.ldm.modules.attention import optimized_attention_for_device
 from ..attention_patch.capture import attention_probabilities
 from ..attention_patch.unet import cross_attention_layers
 
+# UNet widths (model_channels, channel_mult). The shipped model's first level has two channels per GroupNorm group
+# (world/README.md: at 32 channels, one per group, every norm removes each channel's mean, and the model cannot see
+# the initial noise's); the first world model's narrow widths stay loadable.
+SHIPPED_WIDTHS = (64, (1, 2, 2))
+FIRST_MODEL_WIDTHS = (32, (1, 3, 3))
 TEXT_CONFIG = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 2}
 UNET_CONFIG = {
     "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
     "use_spatial_transformer": True, "legacy": False, "use_temporal_attention": False,
     "use_temporal_resblock": False, "adm_in_channels": None, "use_linear_in_transformer": False,
-    "model_channels": 32, "num_res_blocks": [1, 1, 1], "channel_mult": [1, 3, 3],
+    "num_res_blocks": [1, 1, 1],
     "transformer_depth": [0, 1, 1], "transformer_depth_middle": 1,
     "transformer_depth_output": [0, 0, 1, 1, 1, 1],
     "context_dim": TEXT_CONFIG["hidden_size"], "num_heads": 8, "num_head_channels": -1,
@@ -61,19 +66,16 @@ class WorldClipModel(comfy.sd1_clip.SD1ClipModel):
 
 class WorldSD15(comfy.supported_models.SD15):
     """SD15 at the world model's widths (what checkpoint detection reads off its weights)."""
-    unet_config = {"context_dim": TEXT_CONFIG["hidden_size"], "model_channels": UNET_CONFIG["model_channels"],
+    unet_config = {"context_dim": TEXT_CONFIG["hidden_size"], "model_channels": SHIPPED_WIDTHS[0],
                    "use_linear_in_transformer": False, "adm_in_channels": None, "use_temporal_attention": False,
-                   "channel_mult": UNET_CONFIG["channel_mult"]}
+                   "channel_mult": list(SHIPPED_WIDTHS[1])}
 
     def clip_target(self, state_dict={}):
         return comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, WorldClipModel)
 
 
-# The UNet widths checkpoint detection knows, (model_channels, channel_mult): the first world model's (UNET_CONFIG,
-# also the tests' quick default), and the shipped one's, whose first level has two channels per GroupNorm group
-# (world/README.md: at 32 channels, one per group, every norm removes each channel's mean, and the model cannot
-# see the initial noise's).
-UNET_WIDTHS = ((UNET_CONFIG["model_channels"], tuple(UNET_CONFIG["channel_mult"])), (64, (1, 2, 2)))
+# The UNet widths checkpoint detection knows
+UNET_WIDTHS = (FIRST_MODEL_WIDTHS, SHIPPED_WIDTHS)
 
 
 def unet_widths(model_channels: int, channel_mult) -> tuple[int, tuple[int, ...]]:
@@ -148,8 +150,8 @@ def _init_(module: torch.nn.Module, generator: torch.Generator) -> None:
                 p.zero_()
 
 
-def make_unet_model(seed: int = 0, model_channels: int = UNET_CONFIG["model_channels"],
-                    channel_mult=tuple(UNET_CONFIG["channel_mult"])) -> comfy.model_base.BaseModel:
+def make_unet_model(seed: int = 0, model_channels: int = SHIPPED_WIDTHS[0],
+                    channel_mult=SHIPPED_WIDTHS[1]) -> comfy.model_base.BaseModel:
     model_channels, channel_mult = unet_widths(model_channels, channel_mult)
     config = WorldSD15({**UNET_CONFIG, "model_channels": model_channels, "channel_mult": list(channel_mult),
                         "dtype": torch.float32})

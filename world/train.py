@@ -75,8 +75,8 @@ class TrainConfig:
     ground_target: float = 0.15
     sink_weight: float = 0.05
     grad_clip: float = 1.0
-    model_channels: int = 64        # the UNet's widths (world.model.unet_widths)
-    channel_mult: str = "1,2,2"
+    model_channels: int = 64        # the UNet's widths: world.model.SHIPPED_WIDTHS (this module loads the
+    channel_mult: str = "1,2,2"     # pack only once the host is booted; a test checks they agree)
     freeze_text: bool = True        # keep the text encoder at its random start (SD trains with CLIP frozen)
     object_weight: float = 0.0      # extra EPS-loss weight on the objects' pixels and the ring around them
     p2_gamma: float = 0.0           # P2 weighting (Choi et al. 2022): EPS loss x (sigma^2 / (1 + sigma^2))^gamma
