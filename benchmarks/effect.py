@@ -307,12 +307,12 @@ def _sections(text: str) -> tuple[list[str], list[list[str]]]:
     return blocks[0].splitlines(), [block.splitlines() for block in blocks[1:]]
 
 
+JOINED = "joined with another process's report"
+
+
 def _settings(header: list[str]) -> list[str]:
     """A report's header without its timing line (the third) and the lines a join added: what joined reports share."""
     return [line for i, line in enumerate(header) if i != 2 and not line.startswith(JOINED)]
-
-
-JOINED = "joined with another process's report"
 
 
 def join_reports(texts: list[str]) -> str:
