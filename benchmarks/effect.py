@@ -148,7 +148,8 @@ def parse_settings(items: list[str]) -> dict:
             changed[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
         except ValueError:
             raise SystemExit(f"--set {item!r}: {key} takes a {kind.__name__}") from None
-    return changed
+    # the papers' own value is not a change: the report's header must not call it other settings
+    return {key: value for key, value in changed.items() if value != GUIDANCE_DEFAULTS[key]}
 
 
 # ---------------------------------------------------------------- one batch

@@ -95,6 +95,18 @@ def test_initno_rows_run_the_initno_node_stage(effect, checkpoint):
     assert effect.initno_line(measured).startswith(f"InitNO: InitNO succeeded in {int(run['succeeded'])} of 1 batches")
 
 
+def test_set_parses_settings_other_than_the_papers(effect):
+    """--set key=value: typed like the papers' default; the papers' own value is no change (the report's header
+    calls the rest 'NOT the papers''); a wrong key or value is refused with what would do."""
+    assert effect.parse_settings(["scale_factor=5", "exclude_padding=yes"]) == {"scale_factor": 5.0,
+                                                                                  "exclude_padding": True}
+    assert effect.parse_settings(["scale_factor=20"]) == {}
+    with pytest.raises(SystemExit, match="key one of scale_factor"):
+        effect.parse_settings(["step=5"])
+    with pytest.raises(SystemExit, match="scale_factor takes a float"):
+        effect.parse_settings(["scale_factor=big"])
+
+
 def test_wilson_interval(effect):
     low, high = effect.wilson(29, 48)
     assert low == pytest.approx(0.4631, abs=1e-4) and high == pytest.approx(0.7298, abs=1e-4)
