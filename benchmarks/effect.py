@@ -391,7 +391,7 @@ def measure(model, clip, methods: dict, splits: dict, args, progress: bool = Tru
                         "both": row["both"], "shapes": row["shapes"], "seconds": seconds / len(rows),
                         "aae": None if aae is None else (aae[0][i], aae[1][i])}
                 if record.initno is not None:
-                    initno_runs.setdefault(name, []).append(record.initno)
+                    initno_runs.setdefault(name, []).append({**record.initno, "config": config.initno})
                 if name == "plain":
                     h, p = attention_grounding(record, rows, (pair_a, pair_b), last_guided)
                     hits += h
@@ -414,10 +414,11 @@ def initno_line(measured: dict) -> str:
     """How InitNO's stage ended per batch (the record's InitNO entry): successes and the kept noise's scores."""
     parts = []
     for name, runs in measured["initno"].items():
+        config = runs[0]["config"]
         parts.append(f"{name}: InitNO succeeded in {sum(r['succeeded'] for r in runs)} of {len(runs)} batches, kept "
                      f"response {statistics.fmean(r['response'] for r in runs):.3f}, conflict "
                      f"{statistics.fmean(r['conflict'] for r in runs):.3f} (worst image of the batch; success: below "
-                     f"0.2 and 0.3)")
+                     f"{config.tau_response:g} and {config.tau_conflict:g})")
     return "; ".join(parts)
 
 

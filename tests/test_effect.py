@@ -175,6 +175,6 @@ def test_reports_of_method_shares_join_into_the_one_table(effect, checkpoint):
     row = next(i for i, line in enumerate(lines) if line.startswith("plain "))
     tokens = lines[row].split()
     tokens[4] = "0.999" if tokens[4] != "0.999" else "0.998"  # plain's 'both' rate
-    lines[row] = f"{'plain':<26} " + " ".join(tokens[1:])
+    lines[row] = f"{'plain':<{effect.NAME_WIDTH}} " + " ".join(tokens[1:])
     with pytest.raises(ValueError, match="plain differs"):
         effect.join_reports([whole, "\n".join(lines)])

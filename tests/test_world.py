@@ -382,7 +382,7 @@ def test_run_demo_loads_the_world_model_for_its_example(tmp_path):
     summation order), and gives the pictures the real server gives."""
     _workflow, _text, pairs = _example_case()
     out = tmp_path / "out"
-    env = dict(os.environ, OMP_NUM_THREADS="2")  # two threads draw another guided picture: the demo pins one
+    env = dict(os.environ, OMP_NUM_THREADS="2")  # a machine with more threads: the demo must pin one
     result = subprocess.run([sys.executable, "-m", PACK_DIR.name, "run", str(WORLD_EXAMPLE), "--demo", "--out",
                              str(out)], cwd=PACK_DIR.parent, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
