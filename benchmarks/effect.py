@@ -29,8 +29,8 @@ defaults (the papers' settings: scale factor 20, guided over the first half, A&E
 loss is on); A-STAR (segregation + retention, guided over the whole schedule, no refinement); D&B
 (attendance + divide_and_bind_binding, 1 each); InitNO (the Attention InitNO node at its defaults, the paper's
 schedule: 5 rounds of 10 Adam steps, then 50) before plain sampling, and InitNO + A&E (then A&E at the papers'
-settings, as the authors' pipeline runs it). InitNO optimises a batch's noise together: a round succeeds when every
-image of the batch does, as in a graph with a batch of latents. Sampling: euler/normal, cfg 7.5, 256 px (32x32 latent),
+settings, as the authors' pipeline runs it). InitNO optimises each image of a batch as if alone (its own
+successes, restarts and best round), as the authors' code does. Sampling: euler/normal, cfg 7.5, 256 px (32x32 latent),
 captured maps 16x16 (`attention_resolution` 16: the world model's 16x16 cross-attention layers).
 
 Plain, for point 3 of the issue: the share of drawn objects whose subject map (raw attention, noun and
@@ -411,14 +411,15 @@ def measure(model, clip, methods: dict, splits: dict, args, progress: bool = Tru
 
 
 def initno_line(measured: dict) -> str:
-    """How InitNO's stage ended per batch (the record's InitNO entry): successes and the kept noise's scores."""
+    """How InitNO's stage ended per image (the record's InitNO entry): successes and the kept noise's scores."""
     parts = []
     for name, runs in measured["initno"].items():
         config = runs[0]["config"]
-        parts.append(f"{name}: InitNO succeeded in {sum(r['succeeded'] for r in runs)} of {len(runs)} batches, kept "
-                     f"response {statistics.fmean(r['response'] for r in runs):.3f}, conflict "
-                     f"{statistics.fmean(r['conflict'] for r in runs):.3f} (worst image of the batch; success: below "
-                     f"{config.tau_response:g} and {config.tau_conflict:g})")
+        succeeded = [s for r in runs for s in r["succeeded"]]
+        parts.append(f"{name}: InitNO succeeded for {sum(succeeded)} of {len(succeeded)} images, kept response "
+                     f"{statistics.fmean(x for r in runs for x in r['response']):.3f}, conflict "
+                     f"{statistics.fmean(x for r in runs for x in r['conflict']):.3f} (mean over images; success: "
+                     f"below {config.tau_response:g} and {config.tau_conflict:g})")
     return "; ".join(parts)
 
 

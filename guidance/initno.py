@@ -14,7 +14,7 @@ optimised with Adam on the joint score of one conditional forward at the first s
 An optimisation succeeds when S_res < tau_response and S_con < tau_conflict. `rounds` restarts from fresh noise
 (seeded: seed + round), each up to `iterations` steps; the first success is kept, else the round with the lowest
 S_res + S_con is optimised again for `final_iterations` steps from its starting noise (the authors' schedule:
-5 rounds of 10, then 50). Followed from the authors' code (xiefan-guo/initno, Apache-2.0): the clean-up term of
+5 rounds of 10, then 50). All of this is per image of a batch, as the authors' code runs one image at a time. Followed from the authors' code (xiefan-guo/initno, Apache-2.0): the clean-up term of
 their cross-attention (an Otsu mask of each map kept to the peak's component) is left out; the paper's
 objective has the two scores and the KL term only.
 """
@@ -134,54 +134,95 @@ class _SelfPatch:
 
 @dataclass
 class InitNOResult:
+    """Per image of the batch: whether it succeeded, its kept noise's scores, the round it came from and the KL of
+    its reparameterisation. `history` holds (round, iteration, S_res, S_con), the worst of the images optimised in
+    that pass; round `config.rounds` is the final optimisation of each failed image's best round."""
+    noise: torch.Tensor
+    succeeded: list[bool]
+    response: list[float]
+    conflict: list[float]
+    history: list[tuple[int, int, float, float]]
+    kl: list[float]
+    rounds: list[int]
+
+
+@dataclass
+class _Kept:
     noise: torch.Tensor
     succeeded: bool
     response: float
     conflict: float
-    history: list[tuple[int, int, float, float]]  # (round, iteration, S_res, S_con)
-    kl: float = 0.0  # KL(N(mu, exp(log_var)) || N(0, 1)) of the kept noise's reparameterisation
+    kl: float
+    round: int
 
 
 def optimise_noise(scores, noise: torch.Tensor, fresh_noise, config: InitNOConfig) -> InitNOResult:
-    """InitNO's rounds around `scores(z) -> (S_res [B], S_con [B])` (differentiable in z).
-    fresh_noise(round) gives the starting noise of round >= 1 (round 0 starts from `noise`)."""
+    """InitNO's rounds around `scores(z) -> (S_res [B], S_con [B])` (differentiable in z; image i's scores depend
+    on z[i] only). fresh_noise(round) gives the starting noise of round >= 1 (round 0 starts from `noise`).
+
+    Each image of the batch is optimised as if alone, as the authors' code runs one image at a time: its own Adam
+    state and KL bound, its own first success, its own restarts (row i of the fresh noise) and its own best round.
+    The batch is scored together; images that stopped keep their noise and take no more steps."""
     history: list[tuple[int, int, float, float]] = []
-    kl_divergence: list[float] = []
+    kept: list[_Kept | None] = [None] * noise.shape[0]
+    pool: list[list[tuple[float, int, torch.Tensor]]] = [[] for _ in kept]
 
-    def one_round(start: torch.Tensor, round_index: int, iterations: int):
-        mu = torch.zeros_like(start, requires_grad=True)
-        log_var = torch.zeros_like(start, requires_grad=True)
-        optimizer = torch.optim.Adam([mu, log_var], lr=config.learning_rate, eps=1e-3)
-        response = conflict = None
+    def one_round(starts: list[torch.Tensor], optimised: list[int], round_index: int, iterations: int) -> dict:
+        mus = {i: torch.zeros_like(starts[i], requires_grad=True) for i in optimised}
+        log_vars = {i: torch.zeros_like(starts[i], requires_grad=True) for i in optimised}
+        optimizers = {i: torch.optim.Adam([mus[i], log_vars[i]], lr=config.learning_rate, eps=1e-3)
+                      for i in optimised}
+
+        def current(i):
+            return starts[i] * torch.exp(0.5 * log_vars[i]) + mus[i] if i in mus else kept[i].noise
+
+        running, ended = list(optimised), {}
         for iteration in range(iterations + 1):
-            response, conflict = scores(start * torch.exp(0.5 * log_var) + mu)
-            history.append((round_index, iteration, float(response.detach().max()), float(conflict.detach().max())))
-            if bool((response < config.tau_response).all() and (conflict < config.tau_conflict).all()):
-                break
-            if iteration == iterations:
-                break
-            optimizer.zero_grad()
-            joint_score(response, conflict).sum().backward()
-            optimizer.step()
-            for _ in range(1000):  # keep the noise a standard normal draw (the authors' loop, capped)
-                kl = kl_to_standard_normal(mu, log_var)
-                if float(kl.detach()) <= config.kl_bound:
-                    break
+            response, conflict = scores(torch.stack([current(i) for i in range(len(kept))]))
+            history.append((round_index, iteration, max(float(response[i].detach()) for i in running),
+                            max(float(conflict[i].detach()) for i in running)))
+            for i in list(running):
+                succeeded = bool(response[i] < config.tau_response and conflict[i] < config.tau_conflict)
+                if succeeded or iteration == iterations:
+                    running.remove(i)
+                    ended[i] = _Kept(current(i).detach(), succeeded, float(response[i].detach()),
+                                     float(conflict[i].detach()), float(kl_to_standard_normal(mus[i], log_vars[i]).detach()),
+                                     round_index)
+            if not running:
+                return ended
+            for optimizer in optimizers.values():
                 optimizer.zero_grad()
-                kl.backward()
-                optimizer.step()
-        optimised = (start * torch.exp(0.5 * log_var) + mu).detach()
-        succeeded = bool((response < config.tau_response).all() and (conflict < config.tau_conflict).all())
-        kl_divergence.append(float(kl_to_standard_normal(mu, log_var).detach()))
-        return optimised, succeeded, float(response.detach().max()), float(conflict.detach().max())
+            joint_score(response[running], conflict[running]).sum().backward()
+            for i in running:
+                optimizers[i].step()
+                for _ in range(1000):  # keep the noise a standard normal draw (the authors' loop, capped)
+                    kl = kl_to_standard_normal(mus[i], log_vars[i])
+                    if float(kl.detach()) <= config.kl_bound:
+                        break
+                    optimizers[i].zero_grad()
+                    kl.backward()
+                    optimizers[i].step()
+        return ended
 
-    pool = []
+    starts = list(noise)
     for round_index in range(config.rounds):
-        start = noise if round_index == 0 else fresh_noise(round_index)
-        optimised, succeeded, response, conflict = one_round(start, round_index, config.iterations)
-        if succeeded:
-            return InitNOResult(optimised, True, response, conflict, history, kl_divergence[-1])
-        pool.append((response + conflict, round_index, start))
-    _score, best_round, start = min(pool, key=lambda entry: entry[:2])
-    optimised, succeeded, response, conflict = one_round(start, best_round, config.final_iterations)
-    return InitNOResult(optimised, succeeded, response, conflict, history, kl_divergence[-1])
+        if round_index:
+            starts = list(fresh_noise(round_index))
+        waiting = [i for i, entry in enumerate(kept) if entry is None]
+        for i, entry in one_round(starts, waiting, round_index, config.iterations).items():
+            if entry.succeeded:
+                kept[i] = entry
+            else:
+                pool[i].append((entry.response + entry.conflict, round_index, starts[i]))
+        if all(entry is not None for entry in kept):
+            break
+    failed = [i for i, entry in enumerate(kept) if entry is None]
+    if failed:
+        best = {i: min(pool[i], key=lambda entry: entry[:2]) for i in failed}
+        starts = [best[i][2] if i in best else None for i in range(len(kept))]
+        for i, entry in one_round(starts, failed, config.rounds, config.final_iterations).items():
+            entry.round = best[i][1]
+            kept[i] = entry
+    return InitNOResult(torch.stack([entry.noise for entry in kept]), [entry.succeeded for entry in kept],
+                        [entry.response for entry in kept], [entry.conflict for entry in kept], history,
+                        [entry.kl for entry in kept], [entry.round for entry in kept])

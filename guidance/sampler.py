@@ -655,10 +655,10 @@ class AttentionSampler(comfy.samplers.KSAMPLER):
         finally:
             capture.want_self_attention = False
         record.initno = {"succeeded": result.succeeded, "response": result.response, "conflict": result.conflict,
-                         "kl": result.kl, "history": result.history}
-        log.info("attention guidance: InitNO %s (response %.3f, conflict %.3f, %d passes)",
-                 "succeeded" if result.succeeded else "kept its best round", result.response, result.conflict,
-                 len(result.history))
+                         "kl": result.kl, "rounds": result.rounds, "history": result.history}
+        log.info("attention guidance: InitNO succeeded for %d of %d images (worst kept response %.3f, conflict %.3f; "
+                 "%d passes)", sum(result.succeeded), len(result.succeeded), max(result.response),
+                 max(result.conflict), len(result.history))
         return result.noise.to(noise)
 
 

@@ -89,10 +89,11 @@ def test_initno_rows_run_the_initno_node_stage(effect, checkpoint):
                               progress=False)
     (run,) = measured["initno"]["InitNO"]
     assert run["history"] and len(run["history"]) <= 5 * 11 + 51  # rounds of 10 steps (+ the score read), then 50
-    assert run["succeeded"] or len(run["history"]) == 5 * 11 + 51
+    assert len(run["succeeded"]) == 2 and len(run["rounds"]) == 2  # per image of the batch
+    assert all(run["succeeded"]) or len(run["history"]) == 5 * 11 + 51
     plain, initno = measured["grid_latents"]["plain"], measured["grid_latents"]["InitNO"]
     assert not torch.equal(torch.stack(plain), torch.stack(initno))
-    assert effect.initno_line(measured).startswith(f"InitNO: InitNO succeeded in {int(run['succeeded'])} of 1 batches")
+    assert effect.initno_line(measured).startswith(f"InitNO: InitNO succeeded for {sum(run['succeeded'])} of 2 images")
 
 
 def test_set_parses_settings_other_than_the_papers(effect):
