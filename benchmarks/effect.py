@@ -53,6 +53,7 @@ import importlib
 import importlib.util
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -311,9 +312,28 @@ def _sections(text: str) -> tuple[list[str], list[list[str]]]:
 JOINED = "joined with another process's report"
 
 
+DROPPED = "rows of an earlier measurement dropped"
+
+
 def _settings(header: list[str]) -> list[str]:
-    """A report's header without its timing line (the third) and the lines a join added: what joined reports share."""
-    return [line for i, line in enumerate(header) if i != 2 and not line.startswith(JOINED)]
+    """A report's header without its timing line (the third) and the lines a join or drop added: what joined reports
+    share."""
+    return [line for i, line in enumerate(header) if i != 2 and not line.startswith((JOINED, DROPPED))]
+
+
+def drop_method(text: str, name: str) -> str:
+    """The report without `name`'s rows (and without its clause in the lines of earlier joins), saying so in its
+    header: how a method measured again (e.g. after its code changed) replaces its rows in a joined table."""
+    header, sections = _sections(text)
+    names = {parse_row(line)[0] for section in sections for line in section[2:]}
+    if name == "plain" or name not in names:
+        raise ValueError(f"cannot drop {name!r}: the report's methods other than plain are "
+                         f"{sorted(names - {'plain'})}")
+    clause = re.compile(rf"; {re.escape(name)}: InitNO .*?(?=; [^;]+: InitNO |\)$)")  # initno_line's, in a join's
+    header = [clause.sub("", line) if line.startswith(JOINED) else line for line in header]
+    header.append(f"{DROPPED}: {name}")
+    sections = [section[:2] + [line for line in section[2:] if parse_row(line)[0] != name] for section in sections]
+    return "\n\n".join("\n".join(block) for block in [header, *sections])
 
 
 def join_reports(texts: list[str]) -> str:
@@ -342,6 +362,9 @@ def join_reports(texts: list[str]) -> str:
                 elif name not in rows:
                     section.append(line)
                     rows[name] = line
+                elif outcome != parse_row(rows[name])[1]:
+                    raise ValueError(f"{name} differs between the reports in {section[0]!r}: a table keeps one row "
+                                     f"per method; drop the older rows first (--drop {name!r})")
     return "\n\n".join("\n".join(block) for block in [joined, *sections])
 
 
@@ -428,6 +451,8 @@ def main(argv=None) -> None:
     parser.add_argument("--ckpt", type=Path, help="the world checkpoint (.safetensors)")
     parser.add_argument("--join", type=Path, nargs="+", metavar="REPORT",
                         help="join saved reports of the same settings over different methods into one table")
+    parser.add_argument("--drop", action="append", default=[], metavar="METHOD",
+                        help="with --join: take this method's rows out of the first report (it was measured again)")
     parser.add_argument("--quick", action="store_true", help="4 methods, 2 prompts per split, 4 seeds, 10 steps")
     parser.add_argument("--methods", default=None, help="comma-separated (default: all; --quick: " + ", ".join(QUICK_METHODS) + ")")
     parser.add_argument("--prompts-per-split", type=int, default=None, help="default: all (--quick: 2)")
@@ -442,9 +467,14 @@ def main(argv=None) -> None:
     parser.add_argument("--save", type=Path, default=None, help="write the report here too")
     parser.add_argument("--grid", type=Path, default=None, help="PNG of plain and each method, same seeds")
     args = parser.parse_args(argv)
+    if args.drop and not args.join:
+        parser.error("--drop takes a method out of the first --join report: give --join REPORT ...")
     if args.join:
         try:
-            text = join_reports([path.read_text() for path in args.join])
+            texts = [path.read_text() for path in args.join]
+            for name in args.drop:
+                texts[0] = drop_method(texts[0], name)
+            text = join_reports(texts)
         except ValueError as error:
             raise SystemExit(f"--join: {error}") from None
         print(text)

@@ -179,3 +179,28 @@ def test_reports_of_method_shares_join_into_the_one_table(effect, checkpoint):
     lines[row] = f"{'plain':<{effect.NAME_WIDTH}} " + " ".join(tokens[1:])
     with pytest.raises(ValueError, match="plain differs"):
         effect.join_reports([whole, "\n".join(lines)])
+    # a method measured again replaces its rows: refused while the old ones are in, joined once they are dropped
+    lines = star.splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith("A-STAR "))
+    tokens = lines[row].split()
+    tokens[4] = "0.999" if tokens[4] != "0.999" else "0.998"
+    lines[row] = f"{'A-STAR':<{effect.NAME_WIDTH}} " + " ".join(tokens[1:])
+    remeasured = "\n".join(lines)
+    with pytest.raises(ValueError, match="A-STAR differs.*--drop 'A-STAR'"):
+        effect.join_reports([whole, remeasured])
+    replaced = effect.join_reports([effect.drop_method(whole, "A-STAR"), remeasured])
+    assert rows(replaced) != rows(whole) and "rows of an earlier measurement dropped: A-STAR" in replaced
+    assert {s: {n: r for n, r in m.items() if n != "A-STAR"} for s, m in rows(replaced).items()} == \
+        {s: {n: r for n, r in m.items() if n != "A-STAR"} for s, m in rows(whole).items()}
+    for name in ("plain", "InitNO"):
+        with pytest.raises(ValueError, match="cannot drop .*'A-STAR', 'attend_and_excite'"):
+            effect.drop_method(whole, name)
+    header = (f"{effect.JOINED} (wall time 9 s; InitNO: InitNO succeeded for 1 of 8 images, kept response 0.5, "
+              "conflict 0.4 (mean over images; success: below 0.2 and 0.3); InitNO + A&E: InitNO succeeded for 2 of "
+              "8 images, kept response 0.4, conflict 0.3 (mean over images; success: below 0.2 and 0.3))")
+    for name, kept in (("InitNO", "; InitNO + A&E: InitNO succeeded for 2"), ("InitNO + A&E", "; InitNO: InitNO")):
+        renamed = [f"{name:<{effect.NAME_WIDTH}}" + line[effect.NAME_WIDTH:] if line.startswith("A-STAR ") else line
+                   for line in whole.split("\n\n", 1)[1].splitlines()]
+        text = header + "\n\n" + "\n".join(renamed)
+        dropped = effect.drop_method(text, name).splitlines()[0]
+        assert kept in dropped and dropped.endswith(")") and f"; {name}: " not in dropped
