@@ -14,9 +14,10 @@ optimised with Adam on the joint score of one conditional forward at the first s
 An optimisation succeeds when S_res < tau_response and S_con < tau_conflict. `rounds` restarts from fresh noise
 (seeded: seed + round), each up to `iterations` steps; the first success is kept, else the round with the lowest
 S_res + S_con is optimised again for `final_iterations` steps from its starting noise (the authors' schedule:
-5 rounds of 10, then 50). All of this is per image of a batch, as the authors' code runs one image at a time. Followed from the authors' code (xiefan-guo/initno, Apache-2.0): the clean-up term of
-their cross-attention (an Otsu mask of each map kept to the peak's component) is left out; the paper's
-objective has the two scores and the KL term only.
+5 rounds of 10, then 50). All of this is per image of a batch, as the authors' code runs one image at a time.
+Followed from the authors' code (xiefan-guo/initno, Apache-2.0): the clean-up term of their cross-attention (an
+Otsu mask of each map kept to the peak's component) is left out; the paper's objective has the two scores and the
+KL term only.
 """
 from __future__ import annotations
 
@@ -185,9 +186,9 @@ def optimise_noise(scores, noise: torch.Tensor, fresh_noise, config: InitNOConfi
                 succeeded = bool(response[i] < config.tau_response and conflict[i] < config.tau_conflict)
                 if succeeded or iteration == iterations:
                     running.remove(i)
+                    kl = float(kl_to_standard_normal(mus[i], log_vars[i]).detach())
                     ended[i] = _Kept(current(i).detach(), succeeded, float(response[i].detach()),
-                                     float(conflict[i].detach()), float(kl_to_standard_normal(mus[i], log_vars[i]).detach()),
-                                     round_index)
+                                     float(conflict[i].detach()), kl, round_index)
             if not running:
                 return ended
             for optimizer in optimizers.values():
