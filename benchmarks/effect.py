@@ -88,6 +88,10 @@ def pack_module(name: str):
 GUIDANCE_DEFAULTS = {"scale_factor": 20.0, "guidance_start": 0.0, "guidance_end": 0.5, "max_refinement_steps": 20,
                      "softmax_temperature": 100.0, "exclude_padding": False, "smoothing_sigma": 0.5,
                      "retention_threshold": 0.5, "truncate_pass": True}
+# the Attention InitNO node's inputs at the paper's values; `--set initno_rounds=1` etc. changes them
+INITNO_DEFAULTS = {"initno_rounds": 5, "initno_iterations": 10, "initno_final_iterations": 50,
+                   "initno_learning_rate": 0.01, "initno_tau_response": 0.2, "initno_tau_conflict": 0.3}
+SETTINGS_DEFAULTS = {**GUIDANCE_DEFAULTS, **INITNO_DEFAULTS}
 COMBINATIONS = {
     "A-STAR": ({"segregation": 1.0, "retention": 1.0}, {"guidance_end": 1.0}),
     "D&B": ({"attendance": 1.0, "divide_and_bind_binding": 1.0}, {}),
@@ -108,7 +112,8 @@ class Method(NamedTuple):
 def method_configs(names: list[str] | None = None, max_refinement_steps: int = 20,
                    changed: dict | None = None) -> dict:
     """name -> Method, its settings built by the Attention Guidance and Attention InitNO nodes; `changed`: node
-    inputs set for every method instead of the papers' (GUIDANCE_DEFAULTS), e.g. {"scale_factor": 80.0}."""
+    inputs set for every method instead of the papers' (SETTINGS_DEFAULTS), e.g. {"scale_factor": 80.0} or
+    {"initno_rounds": 1}."""
     guidance_node = pack_module("nodes.guidance").AttentionGuidance
     initno_node = pack_module("nodes.initno").AttentionInitNO
     losses = pack_module("guidance.losses")
@@ -118,7 +123,8 @@ def method_configs(names: list[str] | None = None, max_refinement_steps: int = 2
         all_weights = {f"{name}_weight": weights.get(name, 0.0) for name in losses.LOSSES}
         schedule = {"refinement": refinement if weights.get("attend_and_excite") else "",
                     "max_refinement_steps": max_refinement_steps}
-        inputs = {**GUIDANCE_DEFAULTS, **schedule, **changes, **(changed or {})}
+        inputs = {**GUIDANCE_DEFAULTS, **schedule, **changes,
+                  **{k: v for k, v in (changed or {}).items() if k in GUIDANCE_DEFAULTS}}
         return guidance_node.execute(**inputs, **all_weights).args[0]
 
     methods = {"plain": Method()}
@@ -126,7 +132,8 @@ def method_configs(names: list[str] | None = None, max_refinement_steps: int = 2
         methods[name] = Method(config({name: 1.0}))
     for name, (weights, changes) in COMBINATIONS.items():
         methods[name] = Method(config(weights, **changes))
-    initno = initno_node.execute(rounds=5, iterations=10, final_iterations=50).args[0]
+    initno_inputs = {**INITNO_DEFAULTS, **{k: v for k, v in (changed or {}).items() if k in INITNO_DEFAULTS}}
+    initno = initno_node.execute(**{k.removeprefix("initno_"): v for k, v in initno_inputs.items()}).args[0]
     for name, loss in INITNO_METHODS.items():
         methods[name] = Method(config({loss: 1.0}) if loss else None, initno)
     if names:
@@ -138,19 +145,19 @@ def method_configs(names: list[str] | None = None, max_refinement_steps: int = 2
 
 
 def parse_settings(items: list[str]) -> dict:
-    """--set key=value pairs -> {key: value} over GUIDANCE_DEFAULTS' keys, each value of the default's type."""
+    """--set key=value pairs -> {key: value} over SETTINGS_DEFAULTS' keys, each value of the default's type."""
     changed = {}
     for item in items:
         key, _, value = item.partition("=")
-        if key not in GUIDANCE_DEFAULTS or not value:
-            raise SystemExit(f"--set {item!r}: expected key=value with key one of {', '.join(GUIDANCE_DEFAULTS)}")
-        kind = type(GUIDANCE_DEFAULTS[key])
+        if key not in SETTINGS_DEFAULTS or not value:
+            raise SystemExit(f"--set {item!r}: expected key=value with key one of {', '.join(SETTINGS_DEFAULTS)}")
+        kind = type(SETTINGS_DEFAULTS[key])
         try:
             changed[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
         except ValueError:
             raise SystemExit(f"--set {item!r}: {key} takes a {kind.__name__}") from None
     # the papers' own value is not a change: the report's header must not call it other settings
-    return {key: value for key, value in changed.items() if value != GUIDANCE_DEFAULTS[key]}
+    return {key: value for key, value in changed.items() if value != SETTINGS_DEFAULTS[key]}
 
 
 # ---------------------------------------------------------------- one batch
@@ -463,7 +470,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a guidance setting other than the papers' for every method (repeatable; keys: "
-                             + ", ".join(GUIDANCE_DEFAULTS) + "); the report's header names it")
+                             + ", ".join(SETTINGS_DEFAULTS) + "); the report's header names it")
     parser.add_argument("--save", type=Path, default=None, help="write the report here too")
     parser.add_argument("--grid", type=Path, default=None, help="PNG of plain and each method, same seeds")
     args = parser.parse_args(argv)

@@ -106,6 +106,15 @@ def test_set_parses_settings_other_than_the_papers(effect):
         effect.parse_settings(["step=5"])
     with pytest.raises(SystemExit, match="scale_factor takes a float"):
         effect.parse_settings(["scale_factor=big"])
+    # the InitNO node's inputs too: they reach the InitNO rows only
+    changed = effect.parse_settings(["initno_rounds=1", "initno_final_iterations=50", "scale_factor=10"])
+    assert changed == {"initno_rounds": 1, "scale_factor": 10.0}
+    with pytest.raises(SystemExit, match="initno_rounds takes a int"):
+        effect.parse_settings(["initno_rounds=1.5"])
+    methods = effect.method_configs(["InitNO", "InitNO + A&E", "attend_and_excite"], changed=changed)
+    assert methods["InitNO"].initno.rounds == 1 and methods["InitNO + A&E"].initno.rounds == 1
+    assert methods["InitNO"].initno.final_iterations == 50 and methods["attend_and_excite"].initno is None
+    assert methods["InitNO + A&E"].guidance.scale_factor == 10.0 == methods["attend_and_excite"].guidance.scale_factor
 
 
 def test_wilson_interval(effect):
