@@ -167,9 +167,14 @@ def load_world(checkpoint: Path):
     return pack_module("world.model").load_checkpoint(checkpoint)
 
 
+def latent_format(model):
+    """The model's latent format (ComfyUI's: SD1.x's for the UNet world model, SD3's for the MMDiT)."""
+    return model.get_model_object("latent_format")
+
+
 def run_batch(model, clip, pair_a, pair_b, seed: int, batch: int, method: Method | None, args):
-    """Samples `batch` images of the prompt with `method` (None: plain); returns latents [B, 4, 32, 32] (VAE
-    space), the ATTENTION record, seconds."""
+    """Samples `batch` images of the prompt with `method` (None: plain); returns latents [B, C, 32, 32] (VAE
+    space: C = 4 for the UNet world model, 16 for the MMDiT), the ATTENTION record, seconds."""
     import torch
 
     import nodes
@@ -180,23 +185,33 @@ def run_batch(model, clip, pair_a, pair_b, seed: int, batch: int, method: Method
     subjects = f"{pair_a[0]} {pair_a[1]}, {pair_b[0]} {pair_b[1]}"
     positive, subject_tokens = encode.execute(clip, prompt, subjects).args
     negative = nodes.CLIPTextEncode().encode(clip, "")[0]
-    latent = {"samples": torch.zeros(batch, 4, 32, 32)}
+    latent = {"samples": torch.zeros(batch, latent_format(model).latent_channels, 32, 32)}
     method = method or Method()
     start = time.perf_counter()
     with torch.inference_mode():
         out, record = ksampler.execute(model, seed, args.steps, args.cfg, "euler", "normal", positive, negative,
-                                       latent, 1.0, subject_tokens, 16, True, guidance=method.guidance,
+                                       latent, 1.0, subject_tokens, resolution(model), True, guidance=method.guidance,
                                        initno=method.initno).args
     return out["samples"], record, time.perf_counter() - start
 
 
-def image_results(latents, pair_a, pair_b) -> list[dict]:
-    """Per image: shapes present, both objects in their own colours, the detections."""
+def resolution(model) -> int:
+    """The sampler's attention_resolution: the UNet world model's 16x16 cross-attention layers; 0 (the default,
+    every joint block on the 16x16 token grid) for the MMDiT, which reads blocks, not resolutions."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    return 16 if isinstance(model.model.diffusion_model, UNetModel) else 0
+
+
+def image_results(latents, pair_a, pair_b, model_latent=None) -> list[dict]:
+    """Per image: shapes present, both objects in their own colours, the detections. model_latent: the model's
+    latent format's process_in (VAE space -> the space whose channels 0-2 are the picture); SD1.x's by default."""
     scenes = pack_module("world.scenes")
     detector = pack_module("world.detector")
-    scale = pack_module("world.model").LATENT_SCALE
+    if model_latent is None:
+        scale = pack_module("world.model").LATENT_SCALE
+        model_latent = lambda latent: latent * scale  # noqa: E731
     rows = []
-    for found in detector.detect_batch(scenes.latent_to_rgb(latents.float().numpy() * scale)):
+    for found in detector.detect_batch(scenes.latent_to_rgb(model_latent(latents.float()).numpy())):
         pairs = {d.pair for d in found}
         shapes = {d.shape for d in found}
         rows.append({"shapes": pair_a[1] in shapes and pair_b[1] in shapes,
@@ -414,7 +429,7 @@ def measure(model, clip, methods: dict, splits: dict, args, progress: bool = Tru
         for prompt_index, (pair_a, pair_b) in enumerate(prompts):
             for name, config in methods.items():
                 latents, record, seconds = run_batch(model, clip, pair_a, pair_b, 0, args.seeds, config, args)
-                rows = image_results(latents, pair_a, pair_b)
+                rows = image_results(latents, pair_a, pair_b, latent_format(model).process_in)
                 aae = aae_losses(record)
                 for i, row in enumerate(rows):
                     results[name]["images"][(split, prompt_index, i)] = {

@@ -100,7 +100,10 @@ def _detection_class(model_channels: int, channel_mult) -> type:
 
 
 def register() -> None:
-    """Lets ComfyUI's checkpoint detection recognise the world model at each of UNET_WIDTHS (idempotent)."""
+    """Lets ComfyUI's checkpoint detection recognise the world model at each of UNET_WIDTHS, and the DiT world model
+    (`world.dit`) (idempotent)."""
+    from . import dit  # it builds on this module
+    dit.register()
     for model_channels, channel_mult in UNET_WIDTHS:
         wanted = _detection_class(model_channels, channel_mult)
         if not any(getattr(model, "__name__", "") == wanted.__name__ and getattr(model, "unet_config", None) ==
@@ -164,20 +167,24 @@ def make_unet_model(seed: int = 0, model_channels: int = SHIPPED_WIDTHS[0],
 def make_clip(seed: int = 1) -> comfy.sd.CLIP:
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, WorldClipModel)
     clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
+    init_text_(clip, seed)
+    return clip
+
+
+def init_text_(clip: comfy.sd.CLIP, seed: int) -> None:
+    """The text encoder's random start (both world models keep it frozen there): embeddings ~ N(0, 0.25), weights
+    ~ N(0, 1/fan_in), biases 0, norms 1, drawn in the order of its parameters."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in clip.cond_stage_model.named_parameters():
             if name.endswith("bias"):
                 p.zero_()
-            elif p.ndim == 0:
-                p.fill_(1.0)
-            elif p.ndim == 1:
+            elif p.ndim <= 1:
                 p.fill_(1.0)
             elif "embedding" in name:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
             else:
                 p.copy_(torch.randn(p.shape, generator=generator) / p.shape[1] ** 0.5)
-    return clip
 
 
 def text_model(clip: comfy.sd.CLIP):
@@ -185,10 +192,13 @@ def text_model(clip: comfy.sd.CLIP):
     return clip.cond_stage_model.clip_l.transformer.text_model
 
 
-def vae_state_dict() -> dict[str, torch.Tensor]:
-    """TAESD weights of the fixed pixel <-> latent map (see the module docstring)."""
+def vae_state_dict(latent_channels: int = 4, latent_scale: float = LATENT_SCALE,
+                   latent_shift: float = 0.0) -> dict[str, torch.Tensor]:
+    """TAESD weights of the fixed pixel <-> latent map (see the module docstring) for a latent format of
+    `latent_channels` channels, scale and shift (SD1.x's by default; the DiT world model's: SD3's): the model's
+    latent (latent - shift) * scale holds 2 * (rgb - 0.5) in channels 0-2 and 0 in the others."""
     from comfy.taesd.taesd import TAESD
-    vae = TAESD(latent_channels=4)
+    vae = TAESD(latent_channels=latent_channels)
     sd = {name: torch.zeros_like(value) for name, value in vae.state_dict().items()}
 
     def centre(weight, pairs, value):
@@ -197,7 +207,7 @@ def vae_state_dict() -> dict[str, torch.Tensor]:
 
     rgb = [(c, c) for c in range(3)]
     # decoder: Clamp, conv(4, 64), ReLU, Blocks (residual branch 0), Upsample + conv(identity) x3, Block, conv(64, 3)
-    gain = LATENT_SCALE / (2 * VAE_SCALE)
+    gain = latent_scale / (2 * VAE_SCALE)
     centre(sd["taesd_decoder.1.weight"], rgb, gain)
     sd["taesd_decoder.1.bias"][:3] = 0.5 + _OFFSET
     for index in (7, 12, 17):
@@ -211,11 +221,11 @@ def vae_state_dict() -> dict[str, torch.Tensor]:
         weight = sd[f"taesd_encoder.{index}.weight"]
         for c in range(64):
             weight[c, c, 1:3, 1:3] = 0.25
-    back = VAE_SCALE * 2 / LATENT_SCALE
+    back = VAE_SCALE * 2 / latent_scale
     centre(sd["taesd_encoder.14.weight"], rgb, back)
     sd["taesd_encoder.14.bias"][:3] = -back * (0.5 + _OFFSET)
     sd["vae_scale"] = torch.tensor(VAE_SCALE)
-    sd["vae_shift"] = torch.tensor(0.0)
+    sd["vae_shift"] = torch.tensor(float(latent_shift))
     return sd
 
 
@@ -285,6 +295,12 @@ def checkpoint_state_dict(model: comfy.model_base.BaseModel, clip: comfy.sd.CLIP
     text = {k: v.detach().to(dtype).contiguous() for k, v in clip.cond_stage_model.state_dict().items()}
     text.pop("clip_l.transformer.text_projection.weight", None)
     vae = {k: v if v.ndim == 0 else v.to(dtype) for k, v in vae_state_dict().items()}
+    return state_dict_for_saving(model, unet, text, vae, dtype)
+
+
+def state_dict_for_saving(model: comfy.model_base.BaseModel, unet: dict, text: dict, vae: dict,
+                          dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model config's own saving maps (its key prefixes) over the three parts' state dicts."""
     if "unet_state_dict" in inspect.signature(model.state_dict_for_saving).parameters:
         sd = model.state_dict_for_saving(unet, clip_state_dict=text, vae_state_dict=vae)
     else:  # ComfyUI 0.3.x reads the UNet's weights itself

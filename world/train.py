@@ -60,6 +60,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 CHECKPOINT_NAME = "world_sd15.safetensors"
+CHECKPOINT_NAMES = {"sd15": CHECKPOINT_NAME, "sd3": "world_sd3.safetensors"}
+FAMILIES = tuple(CHECKPOINT_NAMES)
 STATE_NAME = "state.pt"
 
 
@@ -67,12 +69,15 @@ STATE_NAME = "state.pt"
 class TrainConfig:
     # the defaults are the shipped checkpoint's recipe (world/README.md)
     seed: int = 0
+    family: str = "sd15"            # sd15: the UNet of world.model; sd3: the MMDiT of world.dit (the DiT rows)
+    depth: int = 3                  # sd3: the MMDiT's joint blocks (hidden 64 x depth)
     batch_size: int = 16
     lr: float = 8e-4
     warmup: int = 50
     cond_dropout: float = 0.1
     ground_weight: float = 0.2
     ground_target: float = 0.15
+    ground_log: bool = False        # the grounding hinge on log shares (the MMDiT's: see `grounding_shortfall`)
     sink_weight: float = 0.05
     grad_clip: float = 1.0
     model_channels: int = 64        # the UNet's widths: world.model.SHIPPED_WIDTHS (this module loads the
@@ -94,6 +99,7 @@ class Trainer:
     optimizer: object
     batch: int = 0
     log: list = field(default_factory=list)
+    text: object = None             # sd3: world.dit.TextCache (the frozen text encoder's output per caption)
 
     @property
     def parameters(self):
@@ -102,8 +108,9 @@ class Trainer:
         return list(self.model.diffusion_model.parameters()) + text
 
 
-def _pack():
-    """The pack's modules: the ones ComfyUI loaded (tests, ComfyUI) or, for the command line, boot the host."""
+def _pack(name: str = ""):
+    """The pack's modules world.model and world.scenes (or the one named): the ones ComfyUI loaded (tests,
+    ComfyUI) or, for the command line, boot the host."""
     package = __package__ or ""
     if package.endswith(".world"):
         prefix = package[: -len(".world")]
@@ -115,16 +122,29 @@ def _pack():
             prefix = host.boot_host(host.find_host(), cpu=True)
         except host.HostNotFound as error:
             sys.exit(str(error))
+    if name:
+        return importlib.import_module(f"{prefix}.world.{name}")
     return importlib.import_module(f"{prefix}.world.model"), importlib.import_module(f"{prefix}.world.scenes")
 
 
 def make_trainer(config: TrainConfig):
     import torch
     world_model, _ = _pack()
+    if config.family not in FAMILIES:
+        raise ValueError(f"family {config.family!r} is not a world model; valid: {', '.join(FAMILIES)}")
     torch.manual_seed(config.seed)
-    model = world_model.make_unet_model(config.seed, config.model_channels, config.channel_mult.split(","))
-    clip = world_model.make_clip(config.seed + 1)
+    if config.family == "sd3":
+        if not config.freeze_text:
+            raise ValueError("--family sd3 trains with the text encoder frozen (--freeze-text true): the MMDiT reads "
+                             "ComfyUI's own SD3 text encoder, whose in-place adds autograd cannot train through")
+        dit = _pack("dit")
+        model, clip = dit.make_model(config.seed, config.depth), dit.make_clip(config.seed + 1)
+    else:
+        model = world_model.make_unet_model(config.seed, config.model_channels, config.channel_mult.split(","))
+        clip = world_model.make_clip(config.seed + 1)
     trainer = Trainer(config, model, clip, None)
+    if config.family == "sd3":
+        trainer.text = dit.TextCache(clip)
     for p in trainer.parameters:
         p.requires_grad_(True)
     if config.freeze_text:
@@ -144,8 +164,41 @@ def batch_data(trainer: Trainer, batch: int):
     image, cover = scenes.render(drawn)
     kept = rng.random(config.batch_size) >= config.cond_dropout
     captions = [scene.caption if keep else "" for scene, keep in zip(drawn, kept)]
-    return {"latent": torch.from_numpy(scenes.rgb_to_latent(image)), "tokens": world_model.tokenize(trainer.clip, captions),
-            "kept": torch.from_numpy(kept), "cover": torch.from_numpy(cover), "scenes": drawn}
+    latent = torch.from_numpy(scenes.rgb_to_latent(image))
+    data = {"latent": latent, "captions": captions, "kept": torch.from_numpy(kept), "cover": torch.from_numpy(cover),
+            "scenes": drawn}
+    if config.family == "sd3":
+        data["latent"] = _pack("dit").to_model_latent(latent)
+    else:
+        data["tokens"] = world_model.tokenize(trainer.clip, captions)
+    return data
+
+
+def noised(trainer: Trainer, x0, sigma, noise):
+    """(the model's input, its training target, the EPS-equivalent noise level) at `sigma` [B, 1, 1, 1]:
+    sd15 (EPS): x0 + sigma * noise scaled by 1 / sqrt(1 + sigma^2), target the noise; sd3 (rectified flow, as
+    ComfyUI's CONST sampling): (1 - sigma) * x0 + sigma * noise, target noise - x0 (x0 = x - sigma * output), level
+    sigma / (1 - sigma) (the same signal-to-noise ratio), so that --shape-min-sigma means the same for both."""
+    import torch
+    if trainer.config.family == "sd3":
+        return (1 - sigma) * x0 + sigma * noise, noise - x0, sigma / (1 - sigma).clamp(min=1e-6)
+    return (x0 + sigma * noise) / torch.sqrt(1 + sigma ** 2), noise, sigma
+
+
+def predict(trainer: Trainer, x_in, timesteps, data: dict | None = None, captions: list[str] | None = None,
+            transformer_options: dict | None = None):
+    """The diffusion model's output for the batch's conditioning (data: its token ids or captions) or for
+    `captions`; sd15 takes the text encoder's output (trained through unless frozen), sd3 also the pooled vector."""
+    import torch
+    world_model, _ = _pack()
+    options = {} if transformer_options is None else {"transformer_options": transformer_options}
+    if trainer.config.family == "sd3":
+        context, pooled = trainer.text(captions if captions is not None else data["captions"])
+        return trainer.model.diffusion_model(x_in, timesteps, context=context, y=pooled, **options)
+    tokens = world_model.tokenize(trainer.clip, captions) if captions is not None else data["tokens"]
+    with torch.set_grad_enabled(not trainer.config.freeze_text and torch.is_grad_enabled()):
+        context = world_model.encode_tokens(trainer.clip, tokens)
+    return trainer.model.diffusion_model(x_in, timesteps, context=context, **options)
 
 
 def eps_loss_weight(sigma, cover, object_weight: float = 0.0, p2_gamma: float = 0.0):
@@ -179,17 +232,18 @@ def losses(trainer: Trainer, data: dict, batch: int) -> dict:
     timesteps = torch.randint(0, len(sampling.sigmas), (count,), generator=generator)
     sigma = sampling.sigmas[timesteps].float().reshape(-1, 1, 1, 1)
     noise = torch.randn(x0.shape, generator=generator)
-    x_in = (x0 + sigma * noise) / torch.sqrt(1 + sigma ** 2)
-    with torch.set_grad_enabled(not config.freeze_text):
-        context = world_model.encode_tokens(trainer.clip, data["tokens"])
-    probe = world_model.AttentionProbe(trainer.model.diffusion_model)
-    eps = trainer.model.diffusion_model(x_in, timesteps.float(), context=context,
-                                        transformer_options=probe.transformer_options())
-    terms = {"diffusion": F.mse_loss(eps, noise)}
-    weighted = (eps_loss_weight(sigma, data["cover"], config.object_weight, config.p2_gamma) * (eps - noise) ** 2).mean()
+    x_in, target, level = noised(trainer, x0, sigma, noise)
+    if config.family == "sd3":  # the model's timestep: sigma x 1000 (ComfyUI's ModelSamplingDiscreteFlow)
+        model_timesteps = sampling.timestep(sigma.flatten()).float()
+        probe = _pack("dit").JointAttentionProbe(77)
+    else:
+        model_timesteps = timesteps.float()
+        probe = world_model.AttentionProbe(trainer.model.diffusion_model)
+    eps = predict(trainer, x_in, model_timesteps, data, transformer_options=probe.transformer_options())
+    terms = {"diffusion": F.mse_loss(eps, target)}
+    weighted = (eps_loss_weight(level, data["cover"], config.object_weight, config.p2_gamma) * (eps - target) ** 2).mean()
 
-    tokens = data["tokens"]
-    sink_tokens = torch.ones(tokens.shape, dtype=torch.float32)         # all but the start token and the words
+    sink_tokens = torch.ones((count, 77), dtype=torch.float32)         # all but the start token and the words
     sink_tokens[:, 0] = 0.0
     for row, scene in enumerate(data["scenes"]):
         for colour_at, shape_at in scene.token_positions():
@@ -200,25 +254,51 @@ def losses(trainer: Trainer, data: dict, batch: int) -> dict:
     for maps in probe.maps:                                              # [B, h*w, 77]
         side = int(math.isqrt(maps.shape[1]))
         if kept.any():
-            share = (maps * sink_tokens[:, None]).sum(-1)
+            # the MMDiT's maps are a slice of a softmax over text AND image keys: its sink is taken within the
+            # text (renormalised), else it empties the text altogether (every share went to 0 within 20 batches)
+            within = maps / maps.sum(-1, keepdim=True).clamp(min=1e-12) if config.family == "sd3" else maps
+            share = (within * sink_tokens[:, None]).sum(-1)
             sink.append(share[kept].mean())
         if one.any():
             cover = F.adaptive_avg_pool2d(data["cover"][:, 0], side).reshape(count, -1)[one]
             colour_share, shape_share = maps[one][:, :, 2], maps[one][:, :, 3]  # 'a <colour> <shape>'
             inside, outside = cover >= 0.5, cover <= 0.0
-            ground_in.append((F.relu(config.ground_target - colour_share)[inside].mean()
-                              + F.relu(config.ground_target - shape_share)[inside].mean()) / 2)
-            ground_out.append((colour_share + shape_share)[outside].mean())
+            ground_in.append((grounding_shortfall(colour_share[inside], config.ground_target, config.ground_log)
+                              + grounding_shortfall(shape_share[inside], config.ground_target, config.ground_log)) / 2)
+            ground_out.append(grounding_excess((colour_share + shape_share)[outside], config.ground_target / 10,
+                                               config.ground_log))
     zero = eps.new_zeros(())
     terms["ground_in"] = torch.stack(ground_in).mean() if ground_in else zero
     terms["ground_out"] = torch.stack(ground_out).mean() if ground_out else zero
     terms["sink"] = torch.stack(sink).mean() if sink else zero
     terms["shape"] = zero
     if config.shape_weight:
-        terms["shape"] = shape_word_term(trainer, data, x_in, timesteps, sigma.flatten(), eps, noise, one)
+        terms["shape"] = shape_word_term(trainer, data, x_in, model_timesteps, level.flatten(), eps, target, one)
     terms["total"] = (weighted + config.shape_weight * terms["shape"] + config.ground_weight * (terms["ground_in"] + terms["ground_out"])
                       + config.sink_weight * terms["sink"])
     return terms
+
+
+def grounding_shortfall(share, target: float, log: bool = False):
+    """Mean shortfall of a word's attention share below `target` on its object's pixels: relu(target - share),
+    or with `log` relu(log target - log share). The MMDiT's shares are a slice of a softmax over text and image
+    keys, and the diffusion loss first sends them all to ~0 (within 20 batches, every word's share fell below
+    1e-4 with the plain hinge); there the plain hinge's gradient, share x (1 - share), vanishes, the log's does
+    not."""
+    import torch
+    if log:
+        return torch.relu(math.log(target) - torch.log(share.clamp(min=1e-8))).mean()
+    return torch.relu(target - share).mean()
+
+
+def grounding_excess(share, bound: float, log: bool = False):
+    """The words' share outside their object: its mean, or with `log` the mean of relu(log share - log bound), as
+    strong as the log shortfall inside (with the log hinge inside and the plain mean outside, the MMDiT gave every
+    pixel the words' target share, inside and outside alike)."""
+    import torch
+    if log:
+        return torch.relu(torch.log(share.clamp(min=1e-8)) - math.log(bound)).mean()
+    return share.mean()
 
 
 def shape_word_term(trainer: Trainer, data: dict, x_in, timesteps, sigma, eps, noise, one):
@@ -227,9 +307,11 @@ def shape_word_term(trainer: Trainer, data: dict, x_in, timesteps, sigma, eps, n
     caption's by shape_margin of it: mean relu(margin - (L_wrong - L_right) / L_right). The swapped caption names
     another scene's right shape, so the only way to meet it is to draw the shape the word names. Without it the
     EPS loss fell to 0.006 with the pictures blind to the shape word (world/README.md): knowing the shape saves
-    too little of that loss for training to find."""
+    too little of that loss for training to find.
+    timesteps: the model's; sigma: the EPS-equivalent noise level (`noised`); eps, noise: the model's output with
+    the right caption and its target (for sd3 the flow's velocity, noise - x0)."""
     import torch
-    world_model, scenes = _pack()
+    _, scenes = _pack()
     config = trainer.config
     rows = (one & (sigma >= config.shape_min_sigma)).nonzero().flatten()
     if not len(rows):
@@ -238,9 +320,7 @@ def shape_word_term(trainer: Trainer, data: dict, x_in, timesteps, sigma, eps, n
     for row in rows.tolist():
         colour, shape = data["scenes"][row].objects[0].pair
         wrong.append(scenes.caption([(colour, scenes.other_shape(shape, 1 + row % 2))]))
-    with torch.set_grad_enabled(not config.freeze_text):
-        context = world_model.encode_tokens(trainer.clip, world_model.tokenize(trainer.clip, wrong))
-    eps_wrong = trainer.model.diffusion_model(x_in[rows], timesteps[rows].float(), context=context)
+    eps_wrong = predict(trainer, x_in[rows], timesteps[rows].float(), captions=wrong)
     right = ((eps[rows] - noise[rows]) ** 2).mean((1, 2, 3))
     wrong_loss = ((eps_wrong - noise[rows]) ** 2).mean((1, 2, 3))
     return torch.relu(config.shape_margin - (wrong_loss - right) / right.detach()).mean()
@@ -269,6 +349,8 @@ def save(trainer: Trainer, out: Path, checkpoint: bool = True) -> None:
     """state.pt (atomically) and, with `checkpoint`, the single-file checkpoint."""
     import torch
     world_model, _ = _pack()
+    builder = _pack("dit") if trainer.config.family == "sd3" else world_model
+    name = CHECKPOINT_NAMES[trainer.config.family]
     out.mkdir(parents=True, exist_ok=True)
     state = {"config": asdict(trainer.config), "batch": trainer.batch, "log": trainer.log,
              "unet": trainer.model.diffusion_model.state_dict(), "text": trainer.clip.cond_stage_model.state_dict(),
@@ -278,9 +360,9 @@ def save(trainer: Trainer, out: Path, checkpoint: bool = True) -> None:
     partial.replace(out / STATE_NAME)
     if checkpoint:
         metadata = {"attn_guide_world": json.dumps({"batches": trainer.batch, "config": asdict(trainer.config)})}
-        partial = out / (CHECKPOINT_NAME + ".partial")
-        world_model.save_checkpoint(partial, trainer.model, trainer.clip, metadata=metadata)
-        partial.replace(out / CHECKPOINT_NAME)
+        partial = out / (name + ".partial")
+        builder.save_checkpoint(partial, trainer.model, trainer.clip, metadata=metadata)
+        partial.replace(out / name)
 
 
 def load(out: Path, config: TrainConfig | None = None) -> Trainer:

@@ -1,0 +1,168 @@
+"""The DiT world model (issue 16's DiT rows): the narrow MMDiT of `world.dit`, its checkpoint through Load
+Checkpoint, and its training forms in `world.train` (--family sd3)."""
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import comfy.supported_models
+import nodes
+from harness import pack_module, run_node
+
+scenes = pack_module("world.scenes")
+detector = pack_module("world.detector")
+world_model = pack_module("world.model")
+dit = pack_module("world.dit")
+train = pack_module("world.train")
+capture_dit = pack_module("attention_patch.dit")
+
+
+def _config(**changes):
+    return train.TrainConfig(**{"family": "sd3", "batch_size": 4, "lr": 2e-3, "warmup": 1, "depth": 1,
+                                "ground_log": True, **changes})
+
+
+def test_noised_input_and_target_are_what_comfyui_samples_with():
+    """Both families' training input and target, against ComfyUI's own model sampling: the denoised prediction
+    from the target is x0, and the input is what the model sees at that sigma."""
+    x0 = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    for family in ("sd15", "sd3"):
+        trainer = train.make_trainer(dataclasses.replace(_config(), family=family))
+        sampling = trainer.model.model_sampling
+        sigma = sampling.sigmas[torch.tensor([100, 500, 900])].float().reshape(-1, 1, 1, 1)
+        x_in, target, level = train.noised(trainer, x0, sigma, noise)
+        noisy = sampling.noise_scaling(sigma, noise, x0)        # what the sampler starts from at sigma
+        assert torch.allclose(sampling.calculate_input(sigma, noisy), x_in, atol=1e-6)
+        assert torch.allclose(sampling.calculate_denoised(sigma, target, noisy), x0, atol=1e-5)
+        # the EPS-equivalent level: the same signal-to-noise ratio as SD1.x's sigma
+        snr = (x_in.new_ones(()) / level.flatten() ** 2)
+        if family == "sd3":
+            assert torch.allclose(snr, ((1 - sigma) / sigma).flatten() ** 2)
+        else:
+            assert torch.equal(level, sigma)
+
+
+def test_probe_keeps_the_forward_and_reads_the_captures_slice():
+    """The training probe computes the joint attention itself: the MMDiT's output is the host attention's, and
+    its maps are the image-query x text-key slice of the softmax over all keys that the pack's DiT capture reads
+    (`key_probabilities`, mean over heads), recomputed here from the block's q and k."""
+    model = dit.make_model(3, depth=2)
+    with torch.no_grad():  # a trained-like model: the adaLN gates and the output are not 0
+        for name, p in model.diffusion_model.named_parameters():
+            if "adaLN_modulation" in name or name.startswith("final_layer.linear."):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+    clip = dit.make_clip(1)
+    context, pooled = dit.TextCache(clip)(["a red circle and a blue square", "a green triangle"])
+    x = torch.randn(2, 16, 32, 32, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([900.0, 300.0])
+    diffusion_model = model.diffusion_model
+    seen = []
+
+    def keep_qk(func, *args, **kwargs):
+        seen.append((args[0], args[1], args[3] if len(args) > 3 else kwargs["heads"]))
+        return func(*args, **kwargs)
+
+    with torch.no_grad():
+        host = diffusion_model(x, t, context=context, y=pooled, transformer_options={"optimized_attention_override": keep_qk})
+        probe = dit.JointAttentionProbe(77)
+        ours = diffusion_model(x, t, context=context, y=pooled, transformer_options=probe.transformer_options())
+    assert torch.allclose(ours, host, atol=1e-4), (ours - host).abs().max()
+    assert len(probe.maps) == len(seen) == 2
+    for maps, (q, k, heads) in zip(probe.maps, seen):
+        q4 = q.reshape(q.shape[0], q.shape[1], heads, -1).transpose(1, 2)
+        k4 = k.reshape(k.shape[0], k.shape[1], heads, -1).transpose(1, 2)
+        expected = capture_dit.text_image_probabilities(q4[:, :, 77:], k4, 77) / heads
+        assert maps.shape == (2, 256, 77)
+        assert torch.allclose(maps, expected, atol=1e-5)
+        assert float(maps.sum(-1).max()) <= 1 + 1e-5 and float(maps.sum(-1).min()) > 0
+
+
+def test_log_grounding_terms_by_hand():
+    share = torch.tensor([0.3, 0.15, 0.015, 0.0])
+    assert math.isclose(float(train.grounding_shortfall(share, 0.15)), (0 + 0 + 0.135 + 0.15) / 4, rel_tol=1e-6)
+    expected = (0 + 0 + math.log(10) + (math.log(0.15) - math.log(1e-8))) / 4
+    assert math.isclose(float(train.grounding_shortfall(share, 0.15, log=True)), expected, rel_tol=1e-6)
+    assert math.isclose(float(train.grounding_excess(share, 0.015)), float(share.mean()), rel_tol=1e-6)
+    expected = (math.log(20) + math.log(10) + 0 + 0) / 4
+    assert math.isclose(float(train.grounding_excess(share, 0.015, log=True)), expected, rel_tol=1e-6)
+    # the log form's gradient does not vanish as the share does: 1 / share, not 1
+    small = torch.tensor([1e-4], requires_grad=True)
+    train.grounding_shortfall(small, 0.15, log=True).backward()
+    assert math.isclose(float(small.grad), -1e4, rel_tol=1e-4)
+
+
+def test_dit_training_runs_loss_falls_and_its_checkpoint_loads(tmp_path):
+    """A few batches of --family sd3: the flow loss falls on a held batch, a save resumes exactly, and the
+    checkpoint (SD3's key layout) is detected by Load Checkpoint as the world MMDiT, reads the training text
+    features, samples, and its VAE shows the scene."""
+    trainer = train.make_trainer(_config())
+    probe_batch = 10_000
+    data = train.batch_data(trainer, probe_batch)
+    assert data["latent"].shape == (4, 16, 32, 32) and float(data["latent"][:, 3:].abs().max()) == 0.0
+    with torch.no_grad():
+        before = float(train.losses(trainer, data, probe_batch)["diffusion"])
+    for _ in range(20):
+        values = train.step(trainer)
+    assert all(math.isfinite(v) for v in values.values())
+    with torch.no_grad():
+        after = float(train.losses(trainer, data, probe_batch)["diffusion"])
+    assert after < 0.6 * before, (before, after)
+    train.save(trainer, tmp_path)
+    saved = {name: value.clone() for name, value in trainer.model.diffusion_model.state_dict().items()}
+    resumed = train.load(tmp_path)
+    assert resumed.config == trainer.config and resumed.batch == 20
+    a, b = train.step(trainer), train.step(resumed)
+    assert a == b
+
+    path = tmp_path / train.CHECKPOINT_NAMES["sd3"]
+    assert path.stat().st_size < 25_000_000
+    model, clip, vae = world_model.load_checkpoint(path)
+    assert type(model.model.model_config).__name__ == "WorldSD3"
+    assert type(model.model).__name__ == "SD3" and model.model.diffusion_model.depth == 1
+    loaded = model.model.diffusion_model.state_dict()
+    for name, value in saved.items():
+        assert torch.allclose(loaded[name].float(), value.half().float()), name
+    text = "a red circle and a blue square"
+    (positive,) = run_node(nodes.CLIPTextEncode, clip=clip, text=text)[:1]
+    context, pooled = trainer.text([text])
+    assert torch.allclose(positive[0][0].float(), context, atol=2e-2)
+    assert torch.allclose(positive[0][1]["pooled_output"].float(), pooled, atol=2e-2)
+    (negative,) = run_node(nodes.CLIPTextEncode, clip=clip, text="")[:1]
+    latent = {"samples": torch.zeros(1, 16, 32, 32)}
+    (sampled,) = run_node(nodes.KSampler, model=model, seed=0, steps=2, cfg=4.0, sampler_name="euler",
+                          scheduler="simple", positive=positive, negative=negative, latent_image=latent, denoise=1.0)
+    assert sampled["samples"].shape == (1, 16, 32, 32) and torch.isfinite(sampled["samples"]).all()
+    drawn = scenes.sample_scenes(21, 4, split="any")
+    image, _ = scenes.render(drawn)
+    pixels = torch.from_numpy(np.repeat(np.repeat(image, 8, axis=1), 8, axis=2))
+    with torch.no_grad():
+        encoded = vae.encode(pixels)
+        decoded = vae.decode(encoded)
+    model_latent = model.model.latent_format.process_in(encoded)
+    assert torch.allclose(model_latent, dit.to_model_latent(torch.from_numpy(scenes.rgb_to_latent(image))), atol=1e-2)
+    assert [sorted(d.pair for d in f) for f in detector.detect_batch(decoded.numpy())] == \
+        [sorted(o.pair for o in s.objects) for s in drawn]
+
+
+def test_detection_tells_the_world_mmdit_from_sd3():
+    """The world MMDiT is registered before SD3 (which matches it too), and SD3's own checkpoints (CLIP-L + G
+    pooled, 2048) still load as SD3."""
+    world_model.register()
+    world_model.register()  # idempotent
+    models = comfy.supported_models.models
+    assert sum(m is dit.WorldSD3 for m in models) == 1
+    assert models.index(dit.WorldSD3) < models.index(comfy.supported_models.SD3)
+    ours = {**dit.unet_config(), "dtype": torch.float32}
+    sd3 = {**ours, "adm_in_channels": 2048}
+    assert dit.WorldSD3.matches(ours) and not dit.WorldSD3.matches(sd3)
+    assert comfy.supported_models.SD3.matches(sd3)
+
+
+def test_sd3_family_needs_the_text_encoder_frozen():
+    with pytest.raises(ValueError, match="frozen"):
+        train.make_trainer(_config(freeze_text=False))
+    with pytest.raises(ValueError, match="valid: sd15, sd3"):
+        train.make_trainer(_config(family="flux"))
