@@ -22,6 +22,10 @@ prompt; and it draws the right colour in a wrong shape. Measured:
     python benchmarks/world_diagnostics.py --ckpt world/world_sd15.safetensors     # all of them
     python benchmarks/world_diagnostics.py --state RUN/state.pt                    # DC gain and caption gap
 
+The DiT world model (world/dit.py, `--ckpt world/world_sd3.safetensors`): single objects, shape word and caption
+gap (its flow loss: x = (1 - s) x0 + s noise with s = sigma / (1 + sigma), the same signal-to-noise ratio as SD1.x's
+sigma, target noise - x0); the DC gain and the background are the UNet's GroupNorm question and are not run.
+
 A state is world/train.py's `state.pt` (its config names the UNet's widths), e.g. after
 `python world/train.py --out RUN --batches 300 --batch-size 16 --lr 8e-4 [--model-channels 64 --channel-mult 1,2,2]`.
 """
@@ -58,15 +62,18 @@ def dc_gain(diffusion_model, model_sampling, context, seed: int = 5) -> dict[flo
 
 
 def caption_loss_gap(diffusion_model, model_sampling, encode, count: int = 48, seed: int = 7,
-                     sigmas=(1.0, 3.0)) -> dict[str, float]:
+                     sigmas=(1.0, 3.0), flow: bool = False) -> dict[str, float]:
     """How much the model's EPS loss on one-object renders grows when the caption names the wrong shape, or the
     wrong colour, than when it is right (relative; 0 = the word is not used), averaged over `sigmas`.
-    `encode(captions)` gives the context [N, 77, C]. Cheaper and steadier than sampling: for training runs."""
+    `encode(captions)` gives the context [N, 77, C], or (context, pooled) for the MMDiT (`flow`: its loss at the
+    same signal-to-noise ratios). Cheaper and steadier than sampling: for training runs."""
     import torch
     scenes = effect.pack_module("world.scenes")
     drawn = [scenes.sample_scene(seed, i, pairs=[scenes.seen_pairs()[i % len(scenes.seen_pairs())]])
              for i in range(count)]
     x0 = torch.from_numpy(scenes.rgb_to_latent(scenes.render(drawn)[0]))
+    if flow:
+        x0 = effect.pack_module("world.dit").to_model_latent(x0)
     colours = list(scenes.COLOURS)
 
     def caption(scene, colour_step=0, shape_step=0):
@@ -79,12 +86,20 @@ def caption_loss_gap(diffusion_model, model_sampling, encode, count: int = 48, s
     losses = {name: 0.0 for name in contexts}
     for sigma in sigmas:
         noise = torch.randn(x0.shape, generator=generator)
-        x = (x0 + sigma * noise) / (1 + sigma ** 2) ** 0.5
-        timestep = model_sampling.timestep(torch.full((count,), sigma)).float()
+        if flow:
+            level = sigma / (1 + sigma)
+            x, target = (1 - level) * x0 + level * noise, noise - x0
+            timestep = model_sampling.timestep(torch.full((count,), level)).float()
+        else:
+            x, target = (x0 + sigma * noise) / (1 + sigma ** 2) ** 0.5, noise
+            timestep = model_sampling.timestep(torch.full((count,), sigma)).float()
         for name, context in contexts.items():
             with torch.no_grad():
-                eps = diffusion_model(x, timestep, context=context.to(x))
-            losses[name] += float(((eps.float() - noise) ** 2).mean()) / len(sigmas)
+                if flow:
+                    eps = diffusion_model(x, timestep, context=context[0].to(x), y=context[1].to(x))
+                else:
+                    eps = diffusion_model(x, timestep, context=context.to(x))
+            losses[name] += float(((eps.float() - target) ** 2).mean()) / len(sigmas)
     return {name: losses[name] / losses["right"] - 1 for name in ("shape", "colour")}
 
 
@@ -95,9 +110,15 @@ def _sample(model, clip, pairs, batch: int, steps: int):
     scenes = effect.pack_module("world.scenes")
     positive = nodes.CLIPTextEncode().encode(clip, scenes.caption(list(pairs)))[0]
     negative = nodes.CLIPTextEncode().encode(clip, "")[0]
-    latent = {"samples": torch.zeros(batch, 4, 32, 32)}
+    latent = {"samples": torch.zeros(batch, effect.latent_format(model).latent_channels, 32, 32)}
     with torch.inference_mode():
         return nodes.common_ksampler(model, 0, steps, 7.5, "euler", "normal", positive, negative, latent)[0]["samples"]
+
+
+def _rgb(model, latents):
+    """Sampled latents (VAE space) as the pictures on the latent grid, through the model's latent format."""
+    scenes = effect.pack_module("world.scenes")
+    return scenes.latent_to_rgb(effect.latent_format(model).process_in(latents.float()).numpy())
 
 
 def background_follows_noise(model, clip, steps: int) -> tuple[float, float]:
@@ -117,12 +138,11 @@ def single_objects(model, clip, steps: int) -> dict[str, int]:
     """Counts over 6 one-object prompts x 8 seeds: exact, colour (an object of the prompt's colour), shape, total."""
     scenes = effect.pack_module("world.scenes")
     detector = effect.pack_module("world.detector")
-    scale = effect.pack_module("world.model").LATENT_SCALE
     seen = scenes.two_object_prompts()["seen"][::3][:8]
     counts = {"exact": 0, "colour": 0, "shape": 0, "total": 0}
     for pair in sorted({p for prompt in seen for p in prompt})[:6]:
         latents = _sample(model, clip, [pair], 8, steps)
-        for found in detector.detect_batch(scenes.latent_to_rgb(latents.float().numpy() * scale)):
+        for found in detector.detect_batch(_rgb(model, latents)):
             counts["exact"] += {d.pair for d in found} == {pair}
             counts["colour"] += any(d.pair[0] == pair[0] for d in found)
             counts["shape"] += any(d.pair[1] == pair[1] for d in found)
@@ -133,12 +153,10 @@ def single_objects(model, clip, steps: int) -> dict[str, int]:
 def shape_word_effect(model, clip, steps: int) -> dict[str, float]:
     """Mean |picture difference| (rgb) over 8 seeds when only the shape word changes and when only the colour word
     does, and the text encoder's relative change at the changed word's position."""
-    scale = effect.pack_module("world.model").LATENT_SCALE
     scenes = effect.pack_module("world.scenes")
     prompts = {"circle": [("blue", "circle")], "square": [("blue", "square")], "triangle": [("blue", "triangle")],
                "red": [("red", "circle")]}
-    pictures = {k: scenes.latent_to_rgb(_sample(model, clip, v, 8, steps).float().numpy() * scale)
-                for k, v in prompts.items()}
+    pictures = {k: _rgb(model, _sample(model, clip, v, 8, steps)) for k, v in prompts.items()}
     encoded = {k: clip.encode_from_tokens(clip.tokenize(scenes.caption(v)))[0] for k, v in prompts.items()}
 
     def text_change(a, b, position):  # position in 'a <colour> <shape>' after the start token
@@ -178,6 +196,9 @@ def main(argv=None) -> None:
         print(f"{args.state}: batch {saved['batch']}, UNet widths {unet.model_channels} x {list(unet.channel_mult)}")
     else:
         model, clip, _vae = effect.load_world(args.ckpt)
+        if effect.resolution(model) == 0:  # the MMDiT
+            dit_diagnostics(model, clip, args)
+            return
         def encode(captions):
             return torch.cat([clip.encode_from_tokens(clip.tokenize(c)) for c in captions])
         gains = dc_gain(model.model.diffusion_model, model.model.model_sampling, encode(["a red circle"]))
@@ -202,6 +223,30 @@ def main(argv=None) -> None:
             print(f"caption gap at sigma {sigma}: shape {one['shape']:+.1%}, colour {one['colour']:+.1%}")
     print(f"EPS loss on one-object renders with a wrong shape word {gap['shape']:+.1%}, a wrong colour word "
           f"{gap['colour']:+.1%} (against the right caption; 0 = the word is not used)")
+
+
+def dit_diagnostics(model, clip, args) -> None:
+    """The DiT world model's single objects, shape word and caption gap (flow loss)."""
+    import torch
+    diffusion_model = model.model.diffusion_model
+    print(f"{args.ckpt.name}: MMDiT depth {diffusion_model.depth}; {args.steps} euler steps, cfg 7.5")
+    counts = single_objects(model, clip, args.steps)
+    print(f"single objects (of {counts['total']}): drawn exactly {counts['exact']}; an object of the prompt's "
+          f"colour {counts['colour']}, of its shape {counts['shape']}")
+    words = shape_word_effect(model, clip, args.steps)
+    print(f"pictures' mean |difference| when only the shape word changes {words['shape']:.4f}, when only the "
+          f"colour word does {words['colour']:.4f}")
+
+    def encode(captions):
+        pairs = [clip.encode_from_tokens(clip.tokenize(c), return_pooled=True) for c in captions]
+        return torch.cat([c for c, _ in pairs]).float(), torch.cat([p for _, p in pairs]).float()
+    sigmas = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0) if args.gap_per_sigma else (1.0, 3.0)
+    for sigma in sigmas if args.gap_per_sigma else [None]:
+        gap = caption_loss_gap(diffusion_model, model.model.model_sampling, encode,
+                               sigmas=(sigma,) if sigma else (1.0, 3.0), flow=True)
+        where = f"at SD1.x-equivalent sigma {sigma}" if sigma else "(SD1.x-equivalent sigma 1 and 3)"
+        print(f"flow loss on one-object renders {where} with a wrong shape word {gap['shape']:+.1%}, a wrong colour "
+              f"word {gap['colour']:+.1%} (against the right caption; 0 = the word is not used)")
 
 
 if __name__ == "__main__":

@@ -635,8 +635,8 @@ class AttentionSampler(comfy.samplers.KSAMPLER):
         model_sampling = model_k.inner_model.inner_model.model_sampling
 
         def scores(z):
-            x = model_sampling.noise_scaling(sigmas[0], z, latent_image, max_denoise)
-            maps = L.subject_attention_maps(stage.forward_maps(x, sigmas[0]), binding.subjects, capture.grid,
+            x = model_sampling.noise_scaling(sigma_0, z, latent, max_denoise)
+            maps = L.subject_attention_maps(stage.forward_maps(x, sigma_0), binding.subjects, capture.grid,
                                             config.temperature, config.exclude_padding)
             self_maps = take_self()
             conflict = initno.conflict_score(self_maps, maps, config.smoothing_sigma) if self_maps is not None \
@@ -651,6 +651,9 @@ class AttentionSampler(comfy.samplers.KSAMPLER):
         try:
             with torch.inference_mode(False), torch.enable_grad(), dit.differentiable_host(), \
                     per_call_weights(stage.inner_model.diffusion_model):
+                # the host made sigmas and the latent under inference mode: autograd cannot save inference tensors
+                # (flow models' noise scaling multiplies the noise by sigma itself), so take normal copies
+                sigma_0, latent = sigmas[0].clone(), latent_image.clone()
                 result = initno.optimise_noise(scores, noise.detach().clone(), fresh_noise, self.initno)
         finally:
             capture.want_self_attention = False

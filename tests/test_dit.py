@@ -63,9 +63,9 @@ def _noise():
 
 
 def _sample(model, sampler, positive, negative, cfg, steps=STEPS):
-    sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler="euler",
-                                     scheduler="simple", denoise=1.0, model_options=model.model_options).sigmas
-    with torch.inference_mode():
+    with torch.inference_mode():  # sigmas too, as ComfyUI's KSampler makes them: inference tensors
+        sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler="euler",
+                                         scheduler="simple", denoise=1.0, model_options=model.model_options).sigmas
         return comfy.sample.sample_custom(model, _noise(), cfg, sampler, sigmas, positive, negative,
                                           torch.zeros(LATENT), disable_pbar=True, seed=SEED)
 

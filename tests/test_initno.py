@@ -86,16 +86,16 @@ def test_each_image_of_a_batch_is_optimised_as_if_alone():
     assert joint[0] < min(starts)  # the kept noise scores better than any round's start
 
 
-def _sample(model, clip, sampler_name="euler", config=CONFIG, seed=3, steps=4):
+def _sample(model, clip, sampler_name="euler", config=CONFIG, seed=3, steps=4, denoise=1.0, latent=None):
     positive, subjects = text_encode.AttentionTextEncode.execute(clip, "a cat and a frog", "cat, frog").args
     negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-    latent = torch.zeros(1, 4, 16, 16)
+    latent = torch.zeros(1, 4, 16, 16) if latent is None else latent
     noise = comfy.sample.prepare_noise(latent, seed)
     sampler = sampler_mod.AttentionSampler(comfy.samplers.sampler_object(sampler_name), subjects, None,
                                            initno=config)
-    sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
-                                     scheduler="normal", denoise=1.0, model_options=model.model_options).sigmas
-    with torch.inference_mode():
+    with torch.inference_mode():  # sigmas too, as ComfyUI's KSampler makes them: inference tensors
+        sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
+                                         scheduler="normal", denoise=denoise, model_options=model.model_options).sigmas
         out = comfy.sample.sample_custom(model, noise, 7.5, sampler, sigmas, positive, negative, latent,
                                          disable_pbar=True, seed=seed)
         plain = comfy.sample.sample_custom(model, noise, 7.5, comfy.samplers.sampler_object(sampler_name), sigmas,
@@ -131,3 +131,15 @@ def test_every_kind_of_sampler_runs_from_the_optimised_noise(sd15):
     for name in ("dpmpp_2m", "euler_ancestral", "uni_pc"):
         out, plain, record = _sample(model, clip, name, initno.InitNOConfig(rounds=1, iterations=2, final_iterations=1))
         assert torch.isfinite(out).all() and not torch.equal(out, plain) and record.initno is not None
+
+
+def test_stage_runs_on_a_partial_denoise(sd15):
+    """img2img (denoise < 1): the stage noises the given latent at a sigma_0 below sigma_max, where the noise is
+    scaled by the host's sigma itself, an inference tensor as ComfyUI's KSampler makes it (autograd refused it)."""
+    model, clip = sd15
+    latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    config = initno.InitNOConfig(rounds=1, iterations=3, final_iterations=1)
+    out, plain, record = _sample(model, clip, config=config, denoise=0.6, latent=latent)
+    assert torch.isfinite(out).all() and not torch.equal(out, plain)
+    history = record.initno["history"]
+    assert history[-1][2] <= history[0][2] + 1e-6  # the kept noise scores no worse than the start

@@ -36,12 +36,23 @@ shipped recipe has the frozen text encoder and the shape-word term on, the other
   --shape-weight W    the shape-word term (`shape_word_term`): with the caption's shape word swapped, the EPS loss
       must rise by --shape-margin of the right caption's, on one-object scenes at sigma >= --shape-min-sigma.
 
+The DiT world model (`--family sd3`, world/dit.py: ComfyUI's MMDiT with SD3's text stack, CLIP-L alone, frozen):
+the same scenes, captions and terms on the joint attention's image-query x text-key slice (what the pack's DiT
+capture reads), with a rectified-flow target (noise - x0, ComfyUI's CONST sampling) instead of EPS, and
+`--ground-log true`: that slice is part of a softmax over the text AND the image keys, and with the plain hinge the
+words' shares all fell to ~0 within 20 batches (so the hinge's gradient vanished); the log hinge inside and a log
+bound outside (ground_target / 10) keep them on their objects. Its sink is taken within the text. Its checkpoint
+is world_sd3.safetensors:
+
+    python world/train.py --out world_dit_run --family sd3 --ground-log true
+
 The UNet's widths: --model-channels and --channel-mult (default 64 and 1,2,2, the shipped model's). At 32 and
 1,3,3 (the first world model's) the first level has one channel per GroupNorm group and the model cannot see the
 initial noise's mean (world/README.md).
 
 Saves (--save-every batches, and at the end or when --minutes is up): `state.pt` (weights, optimizer, batch
-number, loss log) and `world_sd15.safetensors` (fp16 UNet and text encoder, the fixed VAE).
+number, loss log) and `world_sd15.safetensors` (fp16 UNet and text encoder, the fixed VAE; `world_sd3.safetensors`
+for --family sd3).
 """
 from __future__ import annotations
 
