@@ -23,15 +23,19 @@ def effect():
     return module
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A world checkpoint after a few training batches (the shipped one is used by the demo, not here)."""
+FAMILY_CONFIG = {"sd15": {}, "sd3": {"family": "sd3", "depth": 1, "ground_log": True}}
+
+
+@pytest.fixture(scope="module", params=list(FAMILY_CONFIG))
+def checkpoint(request, tmp_path_factory):
+    """A world checkpoint after a few training batches, of the UNet world model and of the DiT one (the shipped
+    ones are used by the demo and the benchmark, not here)."""
     out = tmp_path_factory.mktemp("world")
-    trainer = train.make_trainer(train.TrainConfig(batch_size=4, lr=2e-3, warmup=1))
+    trainer = train.make_trainer(train.TrainConfig(batch_size=4, lr=2e-3, warmup=1, **FAMILY_CONFIG[request.param]))
     for _ in range(3):
         train.step(trainer)
     train.save(trainer, out)
-    return out / train.CHECKPOINT_NAME
+    return out / train.CHECKPOINT_NAMES[request.param]
 
 
 def _args(**changes):
@@ -65,7 +69,7 @@ def test_plain_row_is_ksampler(effect, checkpoint):
     latents, record, _ = effect.run_batch(model, clip, pair_a, pair_b, 0, 2, None, _args())
     (positive,) = run_node(nodes.CLIPTextEncode, clip=clip, text=scenes.caption([pair_a, pair_b]))[:1]
     (negative,) = run_node(nodes.CLIPTextEncode, clip=clip, text="")[:1]
-    latent = {"samples": torch.zeros(2, 4, 32, 32)}
+    latent = {"samples": torch.zeros(2, 16 if checkpoint.name == train.CHECKPOINT_NAMES["sd3"] else 4, 32, 32)}
     (expected,) = run_node(nodes.KSampler, model=model, seed=0, steps=3, cfg=7.5, sampler_name="euler",
                            scheduler="normal", positive=positive, negative=negative, latent_image=latent, denoise=1.0)
     assert torch.equal(latents, expected["samples"])

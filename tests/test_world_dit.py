@@ -2,6 +2,7 @@
 Checkpoint, and its training forms in `world.train` (--family sd3)."""
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,3 +167,24 @@ def test_sd3_family_needs_the_text_encoder_frozen():
         train.make_trainer(_config(freeze_text=False))
     with pytest.raises(ValueError, match="valid: sd15, sd3"):
         train.make_trainer(_config(family="flux"))
+
+
+SHIPPED = Path(train.PACK_DIR) / "world" / train.CHECKPOINT_NAMES["sd3"]
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="no shipped DiT world checkpoint")
+def test_shipped_dit_checkpoint_loads_and_shows_the_scene():
+    assert SHIPPED.stat().st_size < 25_000_000
+    model, clip, vae = world_model.load_checkpoint(SHIPPED)
+    assert type(model.model.model_config).__name__ == "WorldSD3"
+    drawn = scenes.sample_scenes(15, 6, split="any")
+    image, _ = scenes.render(drawn)
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(torch.from_numpy(np.repeat(np.repeat(image, 8, axis=1), 8, axis=2))))
+    assert [sorted(d.pair for d in f) for f in detector.detect_batch(decoded.numpy())] == \
+        [sorted(o.pair for o in s.objects) for s in drawn]
+    (positive,) = run_node(nodes.CLIPTextEncode, clip=clip, text="a red circle")[:1]
+    latent = {"samples": torch.zeros(1, 16, 32, 32)}
+    (sampled,) = run_node(nodes.KSampler, model=model, seed=0, steps=2, cfg=1.0, sampler_name="euler",
+                          scheduler="normal", positive=positive, negative=positive, latent_image=latent, denoise=1.0)
+    assert torch.isfinite(sampled["samples"]).all()
