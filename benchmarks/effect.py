@@ -337,6 +337,9 @@ JOINED = "joined with another process's report"
 DROPPED = "rows of an earlier measurement dropped"
 
 
+INITNO_CLAUSE = "InitNO succeeded for"  # how initno_line opens each method's clause, which drop_method finds
+
+
 def _settings(header: list[str]) -> list[str]:
     """A report's header without its timing line (the third) and the lines a join or drop added: what joined reports
     share."""
@@ -351,7 +354,7 @@ def drop_method(text: str, name: str) -> str:
     if name == "plain" or name not in names:
         raise ValueError(f"cannot drop {name!r}: the report's methods other than plain are "
                          f"{sorted(names - {'plain'})}")
-    clause = re.compile(rf"; {re.escape(name)}: InitNO .*?(?=; [^;]+: InitNO |\)$)")  # initno_line's, in a join's
+    clause = re.compile(rf"; {re.escape(name)}: {INITNO_CLAUSE} .*?(?=; [^;]+: {INITNO_CLAUSE} |\)$)")
     header = [clause.sub("", line) if line.startswith(JOINED) else line for line in header]
     header.append(f"{DROPPED}: {name}")
     sections = [section[:2] + [line for line in section[2:] if parse_row(line)[0] != name] for section in sections]
@@ -461,7 +464,7 @@ def initno_line(measured: dict) -> str:
     for name, runs in measured["initno"].items():
         config = runs[0]["config"]
         succeeded = [s for r in runs for s in r["succeeded"]]
-        parts.append(f"{name}: InitNO succeeded for {sum(succeeded)} of {len(succeeded)} images, kept response "
+        parts.append(f"{name}: {INITNO_CLAUSE} {sum(succeeded)} of {len(succeeded)} images, kept response "
                      f"{statistics.fmean(x for r in runs for x in r['response']):.3f}, conflict "
                      f"{statistics.fmean(x for r in runs for x in r['conflict']):.3f} (mean over images; success: "
                      f"below {config.tau_response:g} and {config.tau_conflict:g})")
