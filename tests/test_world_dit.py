@@ -188,3 +188,17 @@ def test_shipped_dit_checkpoint_loads_and_shows_the_scene():
     (sampled,) = run_node(nodes.KSampler, model=model, seed=0, steps=2, cfg=1.0, sampler_name="euler",
                           scheduler="normal", positive=positive, negative=positive, latent_image=latent, denoise=1.0)
     assert torch.isfinite(sampled["samples"]).all()
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth():
+    config = _config(lr=1e-3, warmup=10, lr_decay_start=100, lr_decay_end=200)
+    assert math.isclose(train.learning_rate(config, 0), 1e-4)
+    assert math.isclose(train.learning_rate(config, 9), 1e-3) and math.isclose(train.learning_rate(config, 100), 1e-3)
+    assert math.isclose(train.learning_rate(config, 150), 1e-3 * 0.55)
+    assert math.isclose(train.learning_rate(config, 200), 1e-4) and math.isclose(train.learning_rate(config, 900), 1e-4)
+    constant = _config(lr=1e-3, warmup=10)
+    assert math.isclose(train.learning_rate(constant, 5000), 1e-3)  # the SD1.x recipe: constant after warm-up
+    trainer = train.make_trainer(_config(lr=1e-3, warmup=1, lr_decay_start=1, lr_decay_end=3))
+    for batch in range(4):
+        train.step(trainer)
+        assert math.isclose(trainer.optimizer.param_groups[0]["lr"], train.learning_rate(trainer.config, batch))

@@ -85,6 +85,8 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 8e-4
     warmup: int = 50
+    lr_decay_start: int = 0         # from this batch the learning rate falls linearly to a tenth at lr_decay_end
+    lr_decay_end: int = 0           # (0, 0: constant after warm-up, the SD1.x recipe's)
     cond_dropout: float = 0.1
     ground_weight: float = 0.2
     ground_target: float = 0.15
@@ -337,11 +339,21 @@ def shape_word_term(trainer: Trainer, data: dict, x_in, timesteps, sigma, eps, n
     return torch.relu(config.shape_margin - (wrong_loss - right) / right.detach()).mean()
 
 
+def learning_rate(config: TrainConfig, batch: int) -> float:
+    """Linear warm-up over `warmup` batches, then constant, or falling linearly to a tenth between lr_decay_start
+    and lr_decay_end (and a tenth after): a function of the batch number, so a resumed run follows it too."""
+    lr = config.lr * min(1.0, (batch + 1) / max(config.warmup, 1))
+    if config.lr_decay_end > config.lr_decay_start > 0:
+        done = min(1.0, max(0.0, (batch - config.lr_decay_start) / (config.lr_decay_end - config.lr_decay_start)))
+        lr *= 1 - 0.9 * done
+    return lr
+
+
 def step(trainer: Trainer) -> dict:
     """Trains one batch; returns its loss terms as floats."""
     import torch
     config = trainer.config
-    lr = config.lr * min(1.0, (trainer.batch + 1) / max(config.warmup, 1))
+    lr = learning_rate(config, trainer.batch)
     for group in trainer.optimizer.param_groups:
         group["lr"] = lr
     terms = losses(trainer, batch_data(trainer, trainer.batch), trainer.batch)
