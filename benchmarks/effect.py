@@ -90,7 +90,8 @@ GUIDANCE_DEFAULTS = {"scale_factor": 20.0, "guidance_start": 0.0, "guidance_end"
                      "retention_threshold": 0.5, "truncate_pass": True}
 # the Attention InitNO node's inputs at the paper's values; `--set initno_rounds=1` etc. changes them
 INITNO_DEFAULTS = {"initno_rounds": 5, "initno_iterations": 10, "initno_final_iterations": 50,
-                   "initno_learning_rate": 0.01, "initno_tau_response": 0.2, "initno_tau_conflict": 0.3}
+                   "initno_learning_rate": 0.01, "initno_tau_response": 0.2, "initno_tau_conflict": 0.3,
+                   "initno_kl_bound": 0.001}
 SETTINGS_DEFAULTS = {**GUIDANCE_DEFAULTS, **INITNO_DEFAULTS}
 COMBINATIONS = {
     "A-STAR": ({"segregation": 1.0, "retention": 1.0}, {"guidance_end": 1.0}),

@@ -29,16 +29,20 @@ class AttentionInitNO(io.ComfyNode):
                                        "Paper: 0.2."),
                 io.Float.Input("tau_conflict", default=0.3, min=0.0, max=1.0, step=0.01, **ADVANCED,
                                tooltip="Success: the subjects' self-attention overlap below this. Paper: 0.3."),
+                io.Float.Input("kl_bound", default=0.001, min=0.00001, max=1.0, step=0.0001, **ADVANCED,
+                               tooltip="How far each image's noise may move from N(0, 1): its reparameterisation's "
+                                       "KL (mean over elements) is brought below this after every step. Default "
+                                       "0.001, the value the stage had before this input."),
             ],
             outputs=[InitNO.Output(display_name="INITNO")],
         )
 
     @classmethod
     def execute(cls, rounds, iterations, final_iterations, learning_rate=0.01, tau_response=0.2,
-                tau_conflict=0.3) -> io.NodeOutput:
+                tau_conflict=0.3, kl_bound=0.001) -> io.NodeOutput:
         return io.NodeOutput(InitNOConfig(rounds=rounds, iterations=iterations, final_iterations=final_iterations,
                                           learning_rate=learning_rate, tau_response=tau_response,
-                                          tau_conflict=tau_conflict))
+                                          tau_conflict=tau_conflict, kl_bound=kl_bound))
 
 
 NODES = [AttentionInitNO]

@@ -119,6 +119,8 @@ def test_set_parses_settings_other_than_the_papers(effect):
     assert methods["InitNO"].initno.rounds == 1 and methods["InitNO + A&E"].initno.rounds == 1
     assert methods["InitNO"].initno.final_iterations == 50 and methods["attend_and_excite"].initno is None
     assert methods["InitNO + A&E"].guidance.scale_factor == 10.0 == methods["attend_and_excite"].guidance.scale_factor
+    loose = effect.method_configs(["InitNO"], changed=effect.parse_settings(["initno_kl_bound=0.004"]))
+    assert loose["InitNO"].initno.kl_bound == 0.004 and methods["InitNO"].initno.kl_bound == 0.001
 
 
 def test_wilson_interval(effect):

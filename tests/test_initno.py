@@ -143,3 +143,21 @@ def test_stage_runs_on_a_partial_denoise(sd15):
     assert torch.isfinite(out).all() and not torch.equal(out, plain)
     history = record.initno["history"]
     assert history[-1][2] <= history[0][2] + 1e-6  # the kept noise scores no worse than the start
+
+
+def test_kl_bound_limits_how_far_each_image_moves():
+    """The node's kl_bound reaches the stage: every image's KL ends at or below it, and a looser bound lets an
+    image that has not succeeded move further from its start."""
+    generator = torch.Generator().manual_seed(1)
+    weights = torch.randn(4, 8, 8, generator=generator)
+    noise = -0.3 * weights.unsqueeze(0)  # short of success, with a gradient: the bound decides how far it moves
+    fresh = {r: torch.randn(1, 4, 8, 8, generator=generator) for r in range(1, 3)}
+    moved = {}
+    for bound in (1e-3, 1e-2):
+        config = pack_module("nodes.initno").AttentionInitNO.execute(
+            rounds=1, iterations=8, final_iterations=4, learning_rate=0.1, kl_bound=bound).args[0]
+        assert config.kl_bound == bound
+        result = initno.optimise_noise(_toy_scores(weights), noise, fresh.__getitem__, config)
+        assert 0.0 < result.kl[0] <= bound
+        moved[bound] = float((result.noise - noise).pow(2).mean().sqrt())
+    assert moved[1e-2] > 1.5 * moved[1e-3], moved
