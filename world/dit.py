@@ -77,23 +77,16 @@ def register() -> None:
 # ---------------------------------------------------------------- building
 
 def _init_(module: torch.nn.Module, generator: torch.Generator) -> None:
-    """Defined starting values for every parameter (ComfyUI builds on empty tensors): weights ~ N(0, 1/fan_in),
-    biases 0, norms 1, and DiT's adaLN-Zero: each block's modulation and the final linear 0, so that every block
-    starts as the identity and the net's output at 0."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("bias"):
-                p.zero_()
-            elif p.ndim <= 1:
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=generator) / max(1, p[0].numel()) ** 0.5)
-            if "adaLN_modulation" in name or name.startswith("final_layer.linear."):
-                p.zero_()
-        pos_embed = getattr(module, "pos_embed", None)
-        if pos_embed is not None:  # the fixed 2D sin-cos embedding (a checkpoint holds it; ComfyUI builds it empty)
-            from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed
-            values = torch.from_numpy(get_2d_sincos_pos_embed(pos_embed.shape[-1], module.pos_embed_max_size))
+    """The world model's starting values (world.model.init_weights_) with DiT's adaLN-Zero: each block's modulation
+    and the final linear 0, so that every block starts as the identity and the net's output at 0; and the fixed 2D
+    sin-cos position embedding (a checkpoint holds it; ComfyUI builds it empty)."""
+    world_model.init_weights_(module, generator, lambda name: "adaLN_modulation" in name
+                              or name.startswith("final_layer.linear."))
+    pos_embed = getattr(module, "pos_embed", None)
+    if pos_embed is not None:
+        from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed
+        values = torch.from_numpy(get_2d_sincos_pos_embed(pos_embed.shape[-1], module.pos_embed_max_size))
+        with torch.no_grad():
             pos_embed.copy_(values.float().reshape(pos_embed.shape))
 
 

@@ -136,9 +136,10 @@ def load_checkpoint(path) -> tuple:
 
 # ---------------------------------------------------------------- building
 
-def _init_(module: torch.nn.Module, generator: torch.Generator) -> None:
+def init_weights_(module: torch.nn.Module, generator: torch.Generator, starts_at_zero) -> None:
     """Defined starting values for every parameter (ComfyUI builds on empty tensors): weights ~ N(0, 1/fan_in),
-    biases 0, norms 1; the last layer of each residual branch 0 (the net starts as the identity)."""
+    biases 0, norms 1, drawn in the order of the parameters; then 0 for those `starts_at_zero(name)` names (the
+    last layer of each residual branch: the net starts as the identity)."""
     with torch.no_grad():
         for name, p in module.named_parameters():
             if name.endswith("bias"):
@@ -148,9 +149,13 @@ def _init_(module: torch.nn.Module, generator: torch.Generator) -> None:
             else:
                 p.copy_(torch.randn(p.shape, generator=generator) / max(1, p[0].numel()) ** 0.5)
         for name, p in module.named_parameters():
-            if any(part in name for part in ("out_layers.3.", "proj_out.", "attn1.to_out.", "attn2.to_out.",
-                                             "ff.net.2.")) or name.startswith("out.2."):
+            if starts_at_zero(name):
                 p.zero_()
+
+
+def _unet_branch_end(name: str) -> bool:
+    return any(part in name for part in ("out_layers.3.", "proj_out.", "attn1.to_out.", "attn2.to_out.",
+                                         "ff.net.2.")) or name.startswith("out.2.")
 
 
 def make_unet_model(seed: int = 0, model_channels: int = SHIPPED_WIDTHS[0],
@@ -160,7 +165,7 @@ def make_unet_model(seed: int = 0, model_channels: int = SHIPPED_WIDTHS[0],
                         "dtype": torch.float32})
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({})
-    _init_(model.diffusion_model, torch.Generator().manual_seed(seed))
+    init_weights_(model.diffusion_model, torch.Generator().manual_seed(seed), _unet_branch_end)
     return model
 
 
