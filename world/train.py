@@ -152,16 +152,14 @@ def make_trainer(config: TrainConfig):
                              "ComfyUI's own SD3 text encoder, whose in-place adds autograd cannot train through")
         dit = _pack("dit")
         model, clip = dit.make_model(config.seed, config.depth), dit.make_clip(config.seed + 1)
+        trainer = Trainer(config, model, clip, None, text=dit.TextCache(clip))
     else:
         model = world_model.make_unet_model(config.seed, config.model_channels, config.channel_mult.split(","))
-        clip = world_model.make_clip(config.seed + 1)
-    trainer = Trainer(config, model, clip, None)
-    if config.family == "sd3":
-        trainer.text = dit.TextCache(clip)
+        trainer = Trainer(config, model, world_model.make_clip(config.seed + 1), None)
     for p in trainer.parameters:
         p.requires_grad_(True)
     if config.freeze_text:
-        clip.cond_stage_model.requires_grad_(False)
+        trainer.clip.cond_stage_model.requires_grad_(False)
     trainer.optimizer = torch.optim.AdamW(trainer.parameters, lr=config.lr, weight_decay=0.0)
     return trainer
 
