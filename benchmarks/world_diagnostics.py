@@ -82,17 +82,15 @@ def caption_loss_gap(diffusion_model, model_sampling, encode, count: int = 48, s
                                 scenes.other_shape(shape, shape_step))])
     contexts = {"right": encode([caption(s) for s in drawn]), "shape": encode([caption(s, 0, 1) for s in drawn]),
                 "colour": encode([caption(s, 1, 0) for s in drawn])}
+    train = effect.pack_module("world.train")
+    family = "sd3" if flow else "sd15"
     generator = torch.Generator().manual_seed(seed)
     losses = {name: 0.0 for name in contexts}
     for sigma in sigmas:
         noise = torch.randn(x0.shape, generator=generator)
-        if flow:
-            level = sigma / (1 + sigma)
-            x, target = (1 - level) * x0 + level * noise, noise - x0
-            timestep = model_sampling.timestep(torch.full((count,), level)).float()
-        else:
-            x, target = (x0 + sigma * noise) / (1 + sigma ** 2) ** 0.5, noise
-            timestep = model_sampling.timestep(torch.full((count,), sigma)).float()
+        model_sigma = train.flow_sigma(sigma) if flow else sigma
+        x, target, _ = train.noised(family, x0, torch.tensor(model_sigma), noise)
+        timestep = model_sampling.timestep(torch.full((count,), model_sigma)).float()
         for name, context in contexts.items():
             with torch.no_grad():
                 if flow:

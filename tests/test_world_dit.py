@@ -34,7 +34,7 @@ def test_noised_input_and_target_are_what_comfyui_samples_with():
         trainer = train.make_trainer(dataclasses.replace(_config(), family=family))
         sampling = trainer.model.model_sampling
         sigma = sampling.sigmas[torch.tensor([100, 500, 900])].float().reshape(-1, 1, 1, 1)
-        x_in, target, level = train.noised(trainer, x0, sigma, noise)
+        x_in, target, level = train.noised(family, x0, sigma, noise)
         noisy = sampling.noise_scaling(sigma, noise, x0)        # what the sampler starts from at sigma
         assert torch.allclose(sampling.calculate_input(sigma, noisy), x_in, atol=1e-6)
         assert torch.allclose(sampling.calculate_denoised(sigma, target, noisy), x0, atol=1e-5)
@@ -42,6 +42,7 @@ def test_noised_input_and_target_are_what_comfyui_samples_with():
         snr = (x_in.new_ones(()) / level.flatten() ** 2)
         if family == "sd3":
             assert torch.allclose(snr, ((1 - sigma) / sigma).flatten() ** 2)
+            assert torch.allclose(train.flow_sigma(level), sigma)
         else:
             assert torch.equal(level, sigma)
 
@@ -202,3 +203,50 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
     for batch in range(4):
         train.step(trainer)
         assert math.isclose(trainer.optimizer.param_groups[0]["lr"], train.learning_rate(trainer.config, batch))
+
+
+def _image_attention(model, context, pooled):
+    """Per joint block: the image queries' softmax over [text, image] keys [B, heads, 256, 77 + 256]."""
+    seen = []
+
+    def keep(func, *args, **kwargs):
+        heads = args[3] if len(args) > 3 else kwargs["heads"]
+        q, k = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in args[:2])
+        seen.append(((q[:, :, 77:] @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5).softmax(-1))
+        return func(*args, **kwargs)
+
+    x = torch.randn(2, 16, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model.diffusion_model(x, torch.tensor([900.0, 300.0]), context=context, y=pooled,
+                              transformer_options={"optimized_attention_override": keep})
+    return seen
+
+
+def test_local_attention_start_is_local_multi_scale_and_leaves_the_text_a_share():
+    """`local_attention_init_`: the image queries attend to their neighbourhood at the start (the generic start
+    spreads over the whole grid), each head at its own width, and the text keys keep a share; nothing but the
+    patch embedding's and the image attention's q / k rows and biases differs from the generic start."""
+    clip = dit.make_clip(1)
+    context, pooled = dit.TextCache(clip)(["a red circle and a blue square", "a green triangle"])
+    grid = torch.stack(torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij"), -1).reshape(-1, 2)
+    distance = torch.cdist(grid, grid)
+    plain, local = dit.make_model(0, 3), dit.make_model(0, 3, local_attention=8.0)
+    for model, is_local in ((plain, False), (local, True)):
+        for probs in _image_attention(model, context, pooled):
+            image = probs[..., 77:]
+            spread = ((image * distance).sum(-1) / image.sum(-1)).mean(dim=(0, 2))  # per head, in tokens
+            text = probs[..., :77].sum(-1).mean(dim=(0, 2))
+            if is_local:
+                assert float(spread.max()) < 5.0 and torch.all(spread[1:] > spread[:-1]), spread
+                assert float(text.min()) > 0.1, text
+            else:
+                assert float(spread.min()) > 7.5, spread  # uniform over the 16 x 16 grid: 8.4
+    changed = {name for (name, a), b in zip(plain.diffusion_model.named_parameters(),
+                                            local.diffusion_model.parameters()) if not torch.equal(a, b)}
+    assert changed == {"x_embedder.proj.weight"} | {
+        f"joint_blocks.{i}.x_block.attn.qkv.{kind}" for i in range(3) for kind in ("weight", "bias")}
+    trainer = train.make_trainer(_config(depth=3, local_attention=8.0))
+    assert torch.equal(trainer.model.diffusion_model.joint_blocks[0].x_block.attn.qkv.weight,
+                       local.diffusion_model.joint_blocks[0].x_block.attn.qkv.weight)
+    with pytest.raises(ValueError, match="local_attention"):
+        dit.make_model(0, 3, local_attention=-1.0)

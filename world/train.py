@@ -82,6 +82,7 @@ class TrainConfig:
     seed: int = 0
     family: str = "sd15"            # sd15: the UNet of world.model; sd3: the MMDiT of world.dit (the DiT rows)
     depth: int = 3                  # sd3: the MMDiT's joint blocks (hidden 64 x depth)
+    local_attention: float = 0.0    # sd3: > 0 starts the image self-attention local (world.dit.local_attention_init_)
     batch_size: int = 16
     lr: float = 8e-4
     warmup: int = 50
@@ -151,7 +152,7 @@ def make_trainer(config: TrainConfig):
             raise ValueError("--family sd3 trains with the text encoder frozen (--freeze-text true): the MMDiT reads "
                              "ComfyUI's own SD3 text encoder, whose in-place adds autograd cannot train through")
         dit = _pack("dit")
-        model, clip = dit.make_model(config.seed, config.depth), dit.make_clip(config.seed + 1)
+        model, clip = dit.make_model(config.seed, config.depth, config.local_attention), dit.make_clip(config.seed + 1)
         trainer = Trainer(config, model, clip, None, text=dit.TextCache(clip))
     else:
         model = world_model.make_unet_model(config.seed, config.model_channels, config.channel_mult.split(","))
@@ -185,15 +186,21 @@ def batch_data(trainer: Trainer, batch: int):
     return data
 
 
-def noised(trainer: Trainer, x0, sigma, noise):
-    """(the model's input, its training target, the EPS-equivalent noise level) at `sigma` [B, 1, 1, 1]:
+def noised(family: str, x0, sigma, noise):
+    """(the model's input, its training target, the EPS-equivalent noise level) at `sigma` [B, 1, 1, 1] for the
+    world model `family`:
     sd15 (EPS): x0 + sigma * noise scaled by 1 / sqrt(1 + sigma^2), target the noise; sd3 (rectified flow, as
     ComfyUI's CONST sampling): (1 - sigma) * x0 + sigma * noise, target noise - x0 (x0 = x - sigma * output), level
     sigma / (1 - sigma) (the same signal-to-noise ratio), so that --shape-min-sigma means the same for both."""
     import torch
-    if trainer.config.family == "sd3":
+    if family == "sd3":
         return (1 - sigma) * x0 + sigma * noise, noise - x0, sigma / (1 - sigma).clamp(min=1e-6)
     return (x0 + sigma * noise) / torch.sqrt(1 + sigma ** 2), noise, sigma
+
+
+def flow_sigma(level):
+    """The rectified-flow sigma at the EPS-equivalent noise level `level` (the inverse of `noised`'s level)."""
+    return level / (1 + level)
 
 
 def predict(trainer: Trainer, x_in, timesteps, data: dict | None = None, captions: list[str] | None = None,
@@ -243,7 +250,7 @@ def losses(trainer: Trainer, data: dict, batch: int) -> dict:
     timesteps = torch.randint(0, len(sampling.sigmas), (count,), generator=generator)
     sigma = sampling.sigmas[timesteps].float().reshape(-1, 1, 1, 1)
     noise = torch.randn(x0.shape, generator=generator)
-    x_in, target, level = noised(trainer, x0, sigma, noise)
+    x_in, target, level = noised(config.family, x0, sigma, noise)
     if config.family == "sd3":  # the model's timestep: sigma x 1000 (ComfyUI's ModelSamplingDiscreteFlow)
         model_timesteps = sampling.timestep(sigma.flatten()).float()
         probe = _pack("dit").JointAttentionProbe(77)
