@@ -134,27 +134,37 @@ class _SelfPatch:
 # ---------------------------------------------------------------- the stage
 
 @dataclass
-class InitNOResult:
-    """Per image of the batch: whether it succeeded, its kept noise's scores, the round it came from and the KL of
-    its reparameterisation. `history` holds (round, iteration, S_res, S_con), the worst of the images optimised in
-    that pass; round `config.rounds` is the final optimisation of each failed image's best round."""
-    noise: torch.Tensor
-    succeeded: list[bool]
-    response: list[float]
-    conflict: list[float]
-    history: list[tuple[int, int, float, float]]
-    kl: list[float]
-    rounds: list[int]
-
-
-@dataclass
-class _Kept:
+class InitNOImage:
+    """One image's outcome: its kept noise, whether it succeeded, that noise's scores, the KL of its
+    reparameterisation and the round it came from (round `config.rounds` is the final optimisation of a failed
+    image's best round, which keeps that round's index)."""
     noise: torch.Tensor
     succeeded: bool
     response: float
     conflict: float
     kl: float
     round: int
+
+
+@dataclass
+class InitNOResult:
+    """The batch's images in order, and `history`: (round, iteration, S_res, S_con), the worst of the images
+    optimised in that pass."""
+    images: list[InitNOImage]
+    history: list[tuple[int, int, float, float]]
+
+    @property
+    def noise(self) -> torch.Tensor:
+        return torch.stack([image.noise for image in self.images])
+
+    def column(self, name: str) -> list:
+        """One field of every image, in batch order."""
+        return [getattr(image, name) for image in self.images]
+
+    def record(self) -> dict:
+        """What the ATTENTION record keeps: per-image lists and the history."""
+        return {**{name: self.column(name) for name in ("succeeded", "response", "conflict", "kl")},
+                "rounds": self.column("round"), "history": self.history}
 
 
 def optimise_noise(scores, noise: torch.Tensor, fresh_noise, config: InitNOConfig) -> InitNOResult:
@@ -165,7 +175,7 @@ def optimise_noise(scores, noise: torch.Tensor, fresh_noise, config: InitNOConfi
     state and KL bound, its own first success, its own restarts (row i of the fresh noise) and its own best round.
     The batch is scored together; images that stopped keep their noise and take no more steps."""
     history: list[tuple[int, int, float, float]] = []
-    kept: list[_Kept | None] = [None] * noise.shape[0]
+    kept: list[InitNOImage | None] = [None] * noise.shape[0]
     pool: list[list[tuple[float, int, torch.Tensor]]] = [[] for _ in kept]
 
     def one_round(starts: list[torch.Tensor], optimised: list[int], round_index: int, iterations: int) -> dict:
@@ -187,7 +197,7 @@ def optimise_noise(scores, noise: torch.Tensor, fresh_noise, config: InitNOConfi
                 if succeeded or iteration == iterations:
                     running.remove(i)
                     kl = float(kl_to_standard_normal(mus[i], log_vars[i]).detach())
-                    ended[i] = _Kept(current(i).detach(), succeeded, float(response[i].detach()),
+                    ended[i] = InitNOImage(current(i).detach(), succeeded, float(response[i].detach()),
                                      float(conflict[i].detach()), kl, round_index)
             if not running:
                 return ended
@@ -224,6 +234,4 @@ def optimise_noise(scores, noise: torch.Tensor, fresh_noise, config: InitNOConfi
         for i, entry in one_round(starts, failed, config.rounds, config.final_iterations).items():
             entry.round = best[i][1]
             kept[i] = entry
-    return InitNOResult(torch.stack([entry.noise for entry in kept]), [entry.succeeded for entry in kept],
-                        [entry.response for entry in kept], [entry.conflict for entry in kept], history,
-                        [entry.kl for entry in kept], [entry.round for entry in kept])
+    return InitNOResult(kept, history)

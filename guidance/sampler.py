@@ -657,11 +657,10 @@ class AttentionSampler(comfy.samplers.KSAMPLER):
                 result = initno.optimise_noise(scores, noise.detach().clone(), fresh_noise, self.initno)
         finally:
             capture.want_self_attention = False
-        record.initno = {"succeeded": result.succeeded, "response": result.response, "conflict": result.conflict,
-                         "kl": result.kl, "rounds": result.rounds, "history": result.history}
+        record.initno = result.record()
         log.info("attention guidance: InitNO succeeded for %d of %d images (worst kept response %.3f, conflict %.3f; "
-                 "%d passes)", sum(result.succeeded), len(result.succeeded), max(result.response),
-                 max(result.conflict), len(result.history))
+                 "%d passes)", sum(record.initno["succeeded"]), len(result.images), max(record.initno["response"]),
+                 max(record.initno["conflict"]), len(result.history))
         return result.noise.to(noise)
 
 

@@ -69,21 +69,25 @@ def test_each_image_of_a_batch_is_optimised_as_if_alone():
     batch = initno.optimise_noise(scores, noise, fresh.__getitem__, config)
     alone = [initno.optimise_noise(scores, noise[i:i + 1], lambda r, i=i: fresh[r][i:i + 1], config)
              for i in range(3)]
-    assert batch.succeeded[0] and not batch.succeeded[1]
-    assert len(set(batch.rounds)) == 3  # each image kept another round (a batch-wide choice would keep one)
-    assert batch.rounds[0] == 0 and torch.equal(batch.noise[0], noise[0])  # solved at once: kept untouched
-    for i, single in enumerate(alone):
-        assert torch.allclose(batch.noise[i], single.noise[0], atol=1e-6)
-        assert (batch.succeeded[i], batch.rounds[i]) == (single.succeeded[0], single.rounds[0])
-        assert batch.response[i] == pytest.approx(single.response[0], abs=1e-6)
-        assert batch.kl[i] == pytest.approx(single.kl[0], abs=1e-7) and batch.kl[i] <= config.kl_bound
+    rounds = batch.column("round")
+    assert batch.images[0].succeeded and not batch.images[1].succeeded
+    assert len(set(rounds)) == 3  # each image kept another round (a batch-wide choice would keep one)
+    assert rounds[0] == 0 and torch.equal(batch.noise[0], noise[0])  # solved at once: kept untouched
+    for image, single in zip(batch.images, alone):
+        (kept,) = single.images
+        assert torch.allclose(image.noise, kept.noise, atol=1e-6)
+        assert (image.succeeded, image.round) == (kept.succeeded, kept.round)
+        assert image.response == pytest.approx(kept.response, abs=1e-6)
+        assert image.kl == pytest.approx(kept.kl, abs=1e-7) and image.kl <= config.kl_bound
     # the failed image ran every round and the final optimisation of its best one
     assert sum(1 for entry in batch.history if entry[0] == config.rounds) == config.final_iterations + 1
     assert len(batch.history) == config.rounds * (config.iterations + 1) + config.final_iterations + 1
-    joint = [float(initno.joint_score(torch.tensor(r), torch.tensor(c))) for r, c in
-             zip(alone[1].response, alone[1].conflict)]
-    starts = [(r + c) for rnd, i, r, c in alone[1].history if i == 0 and rnd < config.rounds]
-    assert joint[0] < min(starts)  # the kept noise scores better than any round's start
+    # its best round is the one that ended with the lowest S_res + S_con (alone, the history is that image's),
+    # and the final optimisation from that round's start ends below where that round ended
+    ends = {rnd: r + c for rnd, i, r, c in alone[1].history if i == config.iterations and rnd < config.rounds}
+    assert len(ends) == config.rounds and rounds[1] == min(ends, key=ends.get)
+    failed = batch.images[1]
+    assert failed.response + failed.conflict < ends[rounds[1]]
 
 
 def _sample(model, clip, sampler_name="euler", config=CONFIG, seed=3, steps=4, denoise=1.0, latent=None):
@@ -158,6 +162,6 @@ def test_kl_bound_limits_how_far_each_image_moves():
             rounds=1, iterations=8, final_iterations=4, learning_rate=0.1, kl_bound=bound).args[0]
         assert config.kl_bound == bound
         result = initno.optimise_noise(_toy_scores(weights), noise, fresh.__getitem__, config)
-        assert 0.0 < result.kl[0] <= bound
+        assert 0.0 < result.images[0].kl <= bound
         moved[bound] = float((result.noise - noise).pow(2).mean().sqrt())
     assert moved[1e-2] > 1.5 * moved[1e-3], moved
