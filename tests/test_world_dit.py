@@ -129,7 +129,7 @@ def test_dit_training_runs_loss_falls_and_its_checkpoint_loads(tmp_path):
         assert torch.allclose(loaded[name].float(), value.half().float()), name
     text = "a red circle and a blue square"
     (positive,) = run_node(nodes.CLIPTextEncode, clip=clip, text=text)[:1]
-    context, pooled = trainer.text([text])
+    context, pooled = trainer.family.text([text])
     assert torch.allclose(positive[0][0].float(), context, atol=2e-2)
     assert torch.allclose(positive[0][1]["pooled_output"].float(), pooled, atol=2e-2)
     (negative,) = run_node(nodes.CLIPTextEncode, clip=clip, text="")[:1]

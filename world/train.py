@@ -113,7 +113,7 @@ class Trainer:
     optimizer: object
     batch: int = 0
     log: list = field(default_factory=list)
-    text: object = None             # sd3: world.dit.TextCache (the frozen text encoder's output per caption)
+    family: object = None           # _UNetFamily or _DiTFamily: everything that differs between the two
 
     @property
     def parameters(self):
@@ -141,22 +141,84 @@ def _pack(name: str = ""):
     return importlib.import_module(f"{prefix}.world.model"), importlib.import_module(f"{prefix}.world.scenes")
 
 
-def make_trainer(config: TrainConfig):
-    import torch
-    world_model, _ = _pack()
-    if config.family not in FAMILIES:
-        raise ValueError(f"family {config.family!r} is not a world model; valid: {', '.join(FAMILIES)}")
-    torch.manual_seed(config.seed)
-    if config.family == "sd3":
+class _UNetFamily:
+    """sd15: world.model's UNet and CLIP-L text encoder, EPS target, the UNet's cross-attention probe."""
+
+    def __init__(self, config: TrainConfig):
+        self.world_model, _ = _pack()
+        self.config = config
+        self.model = self.world_model.make_unet_model(config.seed, config.model_channels, config.channel_mult.split(","))
+        self.clip = self.world_model.make_clip(config.seed + 1)
+
+    def conditioning(self, latent, captions) -> dict:
+        """The batch's model latent and what `predict` reads for its captions."""
+        return {"latent": latent, "tokens": self.world_model.tokenize(self.clip, captions)}
+
+    def model_timesteps(self, sampling, timesteps, sigma):
+        return timesteps.float()
+
+    def probe(self, model):
+        return self.world_model.AttentionProbe(model.diffusion_model)
+
+    def sink_maps(self, maps):
+        return maps
+
+    def predict(self, model, x_in, timesteps, data, captions, options):
+        import torch
+        tokens = self.world_model.tokenize(self.clip, captions) if captions is not None else data["tokens"]
+        with torch.set_grad_enabled(not self.config.freeze_text and torch.is_grad_enabled()):
+            context = self.world_model.encode_tokens(self.clip, tokens)
+        return model.diffusion_model(x_in, timesteps, context=context, **options)
+
+    def save_checkpoint(self, path, model, metadata):
+        self.world_model.save_checkpoint(path, model, self.clip, metadata=metadata)
+
+
+class _DiTFamily:
+    """sd3: world.dit's MMDiT with SD3's text stack (frozen; its output cached per caption), the rectified-flow
+    target, the joint-attention probe."""
+
+    def __init__(self, config: TrainConfig):
         if not config.freeze_text:
             raise ValueError("--family sd3 trains with the text encoder frozen (--freeze-text true): the MMDiT reads "
                              "ComfyUI's own SD3 text encoder, whose in-place adds autograd cannot train through")
-        dit = _pack("dit")
-        model, clip = dit.make_model(config.seed, config.depth, config.local_attention), dit.make_clip(config.seed + 1)
-        trainer = Trainer(config, model, clip, None, text=dit.TextCache(clip))
-    else:
-        model = world_model.make_unet_model(config.seed, config.model_channels, config.channel_mult.split(","))
-        trainer = Trainer(config, model, world_model.make_clip(config.seed + 1), None)
+        self.dit = _pack("dit")
+        self.model = self.dit.make_model(config.seed, config.depth, config.local_attention)
+        self.clip = self.dit.make_clip(config.seed + 1)
+        self.text = self.dit.TextCache(self.clip)
+
+    def conditioning(self, latent, captions) -> dict:
+        return {"latent": self.dit.to_model_latent(latent)}
+
+    def model_timesteps(self, sampling, timesteps, sigma):
+        return sampling.timestep(sigma.flatten()).float()  # sigma x 1000 (ComfyUI's ModelSamplingDiscreteFlow)
+
+    def probe(self, model):
+        return self.dit.JointAttentionProbe(77)
+
+    def sink_maps(self, maps):
+        # the MMDiT's maps are a slice of a softmax over text AND image keys: its sink is taken within the text
+        # (renormalised), else it empties the text altogether (every share went to 0 within 20 batches)
+        return maps / maps.sum(-1, keepdim=True).clamp(min=1e-12)
+
+    def predict(self, model, x_in, timesteps, data, captions, options):
+        context, pooled = self.text(captions if captions is not None else data["captions"])
+        return model.diffusion_model(x_in, timesteps, context=context, y=pooled, **options)
+
+    def save_checkpoint(self, path, model, metadata):
+        self.dit.save_checkpoint(path, model, self.clip, metadata=metadata)
+
+
+FAMILY_CLASSES = {"sd15": _UNetFamily, "sd3": _DiTFamily}
+
+
+def make_trainer(config: TrainConfig):
+    import torch
+    if config.family not in FAMILIES:
+        raise ValueError(f"family {config.family!r} is not a world model; valid: {', '.join(FAMILIES)}")
+    torch.manual_seed(config.seed)
+    family = FAMILY_CLASSES[config.family](config)
+    trainer = Trainer(config, family.model, family.clip, None, family=family)
     for p in trainer.parameters:
         p.requires_grad_(True)
     if config.freeze_text:
@@ -169,7 +231,7 @@ def batch_data(trainer: Trainer, batch: int):
     """Latents, token ids, caption kept flags, coverage and the objects' token positions of batch `batch`."""
     import numpy as np
     import torch
-    world_model, scenes = _pack()
+    _, scenes = _pack()
     config = trainer.config
     rng = np.random.default_rng([config.seed, batch, 1])
     drawn = scenes.sample_scenes(config.seed, config.batch_size, start=batch * config.batch_size)
@@ -177,13 +239,8 @@ def batch_data(trainer: Trainer, batch: int):
     kept = rng.random(config.batch_size) >= config.cond_dropout
     captions = [scene.caption if keep else "" for scene, keep in zip(drawn, kept)]
     latent = torch.from_numpy(scenes.rgb_to_latent(image))
-    data = {"latent": latent, "captions": captions, "kept": torch.from_numpy(kept), "cover": torch.from_numpy(cover),
-            "scenes": drawn}
-    if config.family == "sd3":
-        data["latent"] = _pack("dit").to_model_latent(latent)
-    else:
-        data["tokens"] = world_model.tokenize(trainer.clip, captions)
-    return data
+    return {"captions": captions, "kept": torch.from_numpy(kept), "cover": torch.from_numpy(cover), "scenes": drawn,
+            **trainer.family.conditioning(latent, captions)}
 
 
 def noised(family: str, x0, sigma, noise):
@@ -207,16 +264,8 @@ def predict(trainer: Trainer, x_in, timesteps, data: dict | None = None, caption
             transformer_options: dict | None = None):
     """The diffusion model's output for the batch's conditioning (data: its token ids or captions) or for
     `captions`; sd15 takes the text encoder's output (trained through unless frozen), sd3 also the pooled vector."""
-    import torch
-    world_model, _ = _pack()
     options = {} if transformer_options is None else {"transformer_options": transformer_options}
-    if trainer.config.family == "sd3":
-        context, pooled = trainer.text(captions if captions is not None else data["captions"])
-        return trainer.model.diffusion_model(x_in, timesteps, context=context, y=pooled, **options)
-    tokens = world_model.tokenize(trainer.clip, captions) if captions is not None else data["tokens"]
-    with torch.set_grad_enabled(not trainer.config.freeze_text and torch.is_grad_enabled()):
-        context = world_model.encode_tokens(trainer.clip, tokens)
-    return trainer.model.diffusion_model(x_in, timesteps, context=context, **options)
+    return trainer.family.predict(trainer.model, x_in, timesteps, data, captions, options)
 
 
 def eps_loss_weight(sigma, cover, object_weight: float = 0.0, p2_gamma: float = 0.0):
@@ -241,7 +290,6 @@ def losses(trainer: Trainer, data: dict, batch: int) -> dict:
     """The batch's loss terms (tensors); `total` is what is minimised."""
     import torch
     import torch.nn.functional as F
-    world_model, _ = _pack()
     config = trainer.config
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + batch)
     x0 = data["latent"]
@@ -251,12 +299,8 @@ def losses(trainer: Trainer, data: dict, batch: int) -> dict:
     sigma = sampling.sigmas[timesteps].float().reshape(-1, 1, 1, 1)
     noise = torch.randn(x0.shape, generator=generator)
     x_in, target, level = noised(config.family, x0, sigma, noise)
-    if config.family == "sd3":  # the model's timestep: sigma x 1000 (ComfyUI's ModelSamplingDiscreteFlow)
-        model_timesteps = sampling.timestep(sigma.flatten()).float()
-        probe = _pack("dit").JointAttentionProbe(77)
-    else:
-        model_timesteps = timesteps.float()
-        probe = world_model.AttentionProbe(trainer.model.diffusion_model)
+    model_timesteps = trainer.family.model_timesteps(sampling, timesteps, sigma)
+    probe = trainer.family.probe(trainer.model)
     eps = predict(trainer, x_in, model_timesteps, data, transformer_options=probe.transformer_options())
     terms = {"diffusion": F.mse_loss(eps, target)}
     weighted = (eps_loss_weight(level, data["cover"], config.object_weight, config.p2_gamma) * (eps - target) ** 2).mean()
@@ -272,10 +316,7 @@ def losses(trainer: Trainer, data: dict, batch: int) -> dict:
     for maps in probe.maps:                                              # [B, h*w, 77]
         side = int(math.isqrt(maps.shape[1]))
         if kept.any():
-            # the MMDiT's maps are a slice of a softmax over text AND image keys: its sink is taken within the
-            # text (renormalised), else it empties the text altogether (every share went to 0 within 20 batches)
-            within = maps / maps.sum(-1, keepdim=True).clamp(min=1e-12) if config.family == "sd3" else maps
-            share = (within * sink_tokens[:, None]).sum(-1)
+            share = (trainer.family.sink_maps(maps) * sink_tokens[:, None]).sum(-1)
             sink.append(share[kept].mean())
         if one.any():
             cover = F.adaptive_avg_pool2d(data["cover"][:, 0], side).reshape(count, -1)[one]
@@ -376,8 +417,6 @@ def step(trainer: Trainer) -> dict:
 def save(trainer: Trainer, out: Path, checkpoint: bool = True) -> None:
     """state.pt (atomically) and, with `checkpoint`, the single-file checkpoint."""
     import torch
-    world_model, _ = _pack()
-    builder = _pack("dit") if trainer.config.family == "sd3" else world_model
     name = CHECKPOINT_NAMES[trainer.config.family]
     out.mkdir(parents=True, exist_ok=True)
     state = {"config": asdict(trainer.config), "batch": trainer.batch, "log": trainer.log,
@@ -389,7 +428,7 @@ def save(trainer: Trainer, out: Path, checkpoint: bool = True) -> None:
     if checkpoint:
         metadata = {"attn_guide_world": json.dumps({"batches": trainer.batch, "config": asdict(trainer.config)})}
         partial = out / (name + ".partial")
-        builder.save_checkpoint(partial, trainer.model, trainer.clip, metadata=metadata)
+        trainer.family.save_checkpoint(partial, trainer.model, metadata)
         partial.replace(out / name)
 
 
