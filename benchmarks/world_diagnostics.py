@@ -22,8 +22,9 @@ prompt; and it draws the right colour in a wrong shape. Measured:
     python benchmarks/world_diagnostics.py --ckpt world/world_sd15.safetensors     # all of them
     python benchmarks/world_diagnostics.py --state RUN/state.pt                    # DC gain and caption gap
 
-The DiT world model (world/dit.py, `--ckpt world/world_sd3.safetensors`): single objects, shape word and caption
-gap (its flow loss: x = (1 - s) x0 + s noise with s = sigma / (1 + sigma), the same signal-to-noise ratio as SD1.x's
+The DiT world model (world/dit.py, `--ckpt world/world_sd3.safetensors`): its image attention's spread (the mean
+distance from a query to the image keys it attends to, per block and head, and the text's share; the one-step x0
+error on noised renders), single objects, shape word and caption gap (its flow loss: x = (1 - s) x0 + s noise with s = sigma / (1 + sigma), the same signal-to-noise ratio as SD1.x's
 sigma, target noise - x0); the DC gain and the background are the UNet's GroupNorm question and are not run.
 
 A state is world/train.py's `state.pt` (its config names the UNet's widths), e.g. after
@@ -223,21 +224,61 @@ def main(argv=None) -> None:
           f"{gap['colour']:+.1%} (against the right caption; 0 = the word is not used)")
 
 
+def attention_spread(diffusion_model, encode, sigma: float, count: int = 8, seed: int = 0) -> dict:
+    """The MMDiT's image queries on noised renders (any scenes) at the flow sigma `sigma`: per joint block and
+    head, the mean distance in tokens from a query to the image keys it attends to (uniform over a 16x16 grid: 8.4;
+    a 3x3 convolution's neighbourhood: about 1), and the text keys' share; and the x0 RMS error of the one-step
+    prediction on the picture's channels. A model that never learnt neighbourhoods draws each pixel on its own."""
+    import torch
+    scenes = effect.pack_module("world.scenes")
+    drawn = scenes.sample_scenes(seed, count, split="any")
+    x0 = effect.pack_module("world.dit").to_model_latent(torch.from_numpy(scenes.rgb_to_latent(scenes.render(drawn)[0])))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    x = (1 - sigma) * x0 + sigma * noise
+    context, pooled = encode([scene.caption for scene in drawn])
+    side = x0.shape[-1] // diffusion_model.patch_size
+    grid = torch.stack(torch.meshgrid(torch.arange(float(side)), torch.arange(float(side)), indexing="ij"), -1)
+    distance = torch.cdist(grid.reshape(-1, 2), grid.reshape(-1, 2))
+    spread, text = [], []
+
+    def keep(func, *args, **kwargs):
+        heads = args[3] if len(args) > 3 else kwargs["heads"]
+        q, k = (t.float().reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in args[:2])
+        words = k.shape[2] - side * side
+        probs = ((q[:, :, words:] @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5).softmax(-1)
+        image = probs[..., words:]
+        spread.append(((image * distance).sum(-1) / image.sum(-1).clamp(min=1e-30)).mean(dim=(0, 2)).tolist())
+        text.append(probs[..., :words].sum(-1).mean(dim=(0, 2)).tolist())
+        return func(*args, **kwargs)
+
+    with torch.no_grad():
+        velocity = diffusion_model(x, torch.full((count,), sigma * 1000.0), context=context.to(x), y=pooled.to(x),
+                                   transformer_options={"optimized_attention_override": keep})
+    error = float(((x - sigma * velocity.float() - x0)[:, :3] ** 2).mean().sqrt())
+    return {"spread": spread, "text": text, "x0_error": error}
+
+
 def dit_diagnostics(model, clip, args) -> None:
-    """The DiT world model's single objects, shape word and caption gap (flow loss)."""
+    """The DiT world model's image attention spread, single objects, shape word and caption gap (flow loss)."""
     import torch
     diffusion_model = model.model.diffusion_model
     print(f"{args.ckpt.name}: MMDiT depth {diffusion_model.depth}; {args.steps} euler steps, cfg 7.5")
+
+    def encode(captions):
+        pairs = [clip.encode_from_tokens(clip.tokenize(c), return_pooled=True) for c in captions]
+        return torch.cat([c for c, _ in pairs]).float(), torch.cat([p for _, p in pairs]).float()
+    for sigma in (0.8, 0.5):
+        found = attention_spread(diffusion_model, encode, sigma)
+        blocks = "; ".join(" ".join(f"{d:.1f}" for d in heads) for heads in found["spread"])
+        texts = "; ".join(" ".join(f"{t:.2f}" for t in heads) for heads in found["text"])
+        print(f"flow sigma {sigma}: image attention spread per block (tokens, per head; uniform 8.4) {blocks}; "
+              f"text share {texts}; one-step x0 RMS error {found['x0_error']:.3f}")
     counts = single_objects(model, clip, args.steps)
     print(f"single objects (of {counts['total']}): drawn exactly {counts['exact']}; an object of the prompt's "
           f"colour {counts['colour']}, of its shape {counts['shape']}")
     words = shape_word_effect(model, clip, args.steps)
     print(f"pictures' mean |difference| when only the shape word changes {words['shape']:.4f}, when only the "
           f"colour word does {words['colour']:.4f}")
-
-    def encode(captions):
-        pairs = [clip.encode_from_tokens(clip.tokenize(c), return_pooled=True) for c in captions]
-        return torch.cat([c for c, _ in pairs]).float(), torch.cat([p for _, p in pairs]).float()
     sigmas = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0) if args.gap_per_sigma else (1.0, 3.0)
     for sigma in sigmas if args.gap_per_sigma else [None]:
         gap = caption_loss_gap(diffusion_model, model.model.model_sampling, encode,

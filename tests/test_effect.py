@@ -129,10 +129,7 @@ def test_wilson_interval(effect):
     assert effect.wilson(0, 10)[0] == 0.0 and effect.wilson(10, 10)[1] == pytest.approx(1.0)
 
 
-def test_dc_gain_measures_whether_the_noise_mean_is_predicted(effect):
-    """benchmarks/world_diagnostics.py's DC gain: 1 for a denoiser that predicts a blank scene's noise exactly, 0 for one
-    that predicts it without its spatial mean (what a first UNet level with one channel per GroupNorm group does),
-    0.5 for half the mean."""
+def _world_diagnostics():
     benchmarks = str(PACK_DIR / "benchmarks")
     spec = importlib.util.spec_from_file_location("attn_guide_world_diagnostics", PACK_DIR / "benchmarks" / "world_diagnostics.py")
     diagnostics = importlib.util.module_from_spec(spec)
@@ -141,6 +138,38 @@ def test_dc_gain_measures_whether_the_noise_mean_is_predicted(effect):
         spec.loader.exec_module(diagnostics)
     finally:
         sys.path.remove(benchmarks)
+    diagnostics.effect._PACK_MODULE = PACK_MODULE  # the pack as the tests loaded it
+    return diagnostics
+
+
+def test_attention_spread_reads_the_mmdits_image_attention(effect):
+    """world_diagnostics' attention spread: wide (about uniform's 8.4 tokens) for the generic start, a few tokens
+    and widening head by head for the local start (world.dit.local_attention_init_); the text's share; the x0
+    error of a fresh MMDiT (its output is 0, so its x0 is the noisy input) is sigma x RMS(noise - x0), by hand."""
+    diagnostics = _world_diagnostics()
+    dit = pack_module("world.dit")
+    scenes = pack_module("world.scenes")
+    clip = dit.make_clip(1)
+    cache = dit.TextCache(clip)
+    found = {local: diagnostics.attention_spread(dit.make_model(0, 3, local).diffusion_model, cache, 0.5, count=2)
+             for local in (0.0, 8.0)}
+    assert len(found[0.0]["spread"]) == 3 and all(min(heads) > 7.5 for heads in found[0.0]["spread"])
+    for heads in found[8.0]["spread"]:
+        assert max(heads) < 5.0 and heads == sorted(heads)
+    assert all(0.05 < share < 0.95 for heads in found[0.0]["text"] for share in heads), found[0.0]["text"]
+    assert all(0.0 <= share <= 1.0 for heads in found[8.0]["text"] for share in heads)
+    drawn = scenes.sample_scenes(0, 2, split="any")
+    x0 = torch.from_numpy(scenes.rgb_to_latent(scenes.render(drawn)[0]))[:, :3]
+    noise = torch.randn(2, 16, 32, 32, generator=torch.Generator().manual_seed(0))[:, :3]
+    expected = float((0.5 * (noise - x0)).pow(2).mean().sqrt())
+    assert found[0.0]["x0_error"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_dc_gain_measures_whether_the_noise_mean_is_predicted(effect):
+    """benchmarks/world_diagnostics.py's DC gain: 1 for a denoiser that predicts a blank scene's noise exactly, 0 for one
+    that predicts it without its spatial mean (what a first UNet level with one channel per GroupNorm group does),
+    0.5 for half the mean."""
+    diagnostics = _world_diagnostics()
     sampling = pack_module("world.model").make_unet_model().model_sampling
 
     def denoiser(mean_kept):
