@@ -236,24 +236,16 @@ def attention_spread(diffusion_model, encode, sigma: float, count: int = 8, seed
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     x = (1 - sigma) * x0 + sigma * noise
     context, pooled = encode([scene.caption for scene in drawn])
+    dit = effect.pack_module("world.dit")
+    timesteps = torch.full((count,), sigma * 1000.0)
     side = x0.shape[-1] // diffusion_model.patch_size
-    grid = torch.stack(torch.meshgrid(torch.arange(float(side)), torch.arange(float(side)), indexing="ij"), -1)
-    distance = torch.cdist(grid.reshape(-1, 2), grid.reshape(-1, 2))
     spread, text = [], []
-
-    def keep(func, *args, **kwargs):
-        heads = args[3] if len(args) > 3 else kwargs["heads"]
-        q, k = (t.float().reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in args[:2])
-        words = k.shape[2] - side * side
-        probs = ((q[:, :, words:] @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5).softmax(-1)
-        image = probs[..., words:]
-        spread.append(((image * distance).sum(-1) / image.sum(-1).clamp(min=1e-30)).mean(dim=(0, 2)).tolist())
-        text.append(probs[..., :words].sum(-1).mean(dim=(0, 2)).tolist())
-        return func(*args, **kwargs)
-
+    for probs in dit.image_attention(diffusion_model, x, timesteps, context.to(x), pooled.to(x)):
+        heads_spread, heads_text = dit.attention_spread(probs, side)
+        spread.append(heads_spread.tolist())
+        text.append(heads_text.tolist())
     with torch.no_grad():
-        velocity = diffusion_model(x, torch.full((count,), sigma * 1000.0), context=context.to(x), y=pooled.to(x),
-                                   transformer_options={"optimized_attention_override": keep})
+        velocity = diffusion_model(x, timesteps, context=context.to(x), y=pooled.to(x))
     error = float(((x - sigma * velocity.float() - x0)[:, :3] ** 2).mean().sqrt())
     return {"spread": spread, "text": text, "x0_error": error}
 

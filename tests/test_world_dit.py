@@ -192,9 +192,7 @@ def test_shipped_dit_checkpoint_loads_and_shows_the_scene():
     # its image attention learnt neighbourhoods (the first run's stayed as wide as uniform, 8.4 tokens, and drew
     # speckle): the first block's heads attend within a few tokens on average
     context, pooled = dit.TextCache(clip)(["a red circle and a blue square", "a green triangle"])
-    grid = torch.stack(torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij"), -1).reshape(-1, 2)
-    image = _image_attention(model.model, context, pooled)[0][..., 77:]
-    spread = ((image * torch.cdist(grid, grid)).sum(-1) / image.sum(-1)).mean(dim=(0, 2))
+    spread, _ = dit.attention_spread(_image_attention(model.model, context, pooled)[0], 16)
     assert float(spread.mean()) < 6.0, spread
 
 
@@ -213,20 +211,8 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
 
 
 def _image_attention(model, context, pooled):
-    """Per joint block: the image queries' softmax over [text, image] keys [B, heads, 256, 77 + 256]."""
-    seen = []
-
-    def keep(func, *args, **kwargs):
-        heads = args[3] if len(args) > 3 else kwargs["heads"]
-        q, k = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in args[:2])
-        seen.append(((q[:, :, 77:] @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5).softmax(-1))
-        return func(*args, **kwargs)
-
     x = torch.randn(2, 16, 32, 32, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        model.diffusion_model(x, torch.tensor([900.0, 300.0]), context=context, y=pooled,
-                              transformer_options={"optimized_attention_override": keep})
-    return seen
+    return dit.image_attention(model.diffusion_model, x, torch.tensor([900.0, 300.0]), context, pooled)
 
 
 def test_local_attention_start_is_local_multi_scale_and_leaves_the_text_a_share():
@@ -235,14 +221,10 @@ def test_local_attention_start_is_local_multi_scale_and_leaves_the_text_a_share(
     patch embedding's and the image attention's q / k rows and biases differs from the generic start."""
     clip = dit.make_clip(1)
     context, pooled = dit.TextCache(clip)(["a red circle and a blue square", "a green triangle"])
-    grid = torch.stack(torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij"), -1).reshape(-1, 2)
-    distance = torch.cdist(grid, grid)
     plain, local = dit.make_model(0, 3), dit.make_model(0, 3, local_attention=8.0)
     for model, is_local in ((plain, False), (local, True)):
         for probs in _image_attention(model, context, pooled):
-            image = probs[..., 77:]
-            spread = ((image * distance).sum(-1) / image.sum(-1)).mean(dim=(0, 2))  # per head, in tokens
-            text = probs[..., :77].sum(-1).mean(dim=(0, 2))
+            spread, text = dit.attention_spread(probs, 16)  # per head, in tokens; the text's share
             if is_local:
                 assert float(spread.max()) < 5.0 and torch.all(spread[1:] > spread[:-1]), spread
                 assert float(text.min()) > 0.1, text

@@ -228,6 +228,33 @@ class JointAttentionProbe:
         return (probs @ v4).transpose(1, 2).reshape(batch, length, inner)
 
 
+def image_attention(diffusion_model, x, timesteps, context, pooled) -> list[torch.Tensor]:
+    """Per joint block: the image queries' softmax over [text, image] keys [B, heads, image tokens, all keys]
+    (recomputed from the block's q and k beside the host attention, which runs unchanged)."""
+    seen = []
+
+    def keep(func, *args, **kwargs):
+        heads = args[3] if len(args) > 3 else kwargs["heads"]
+        q, k = (t.float().reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in args[:2])
+        text = k.shape[2] - (x.shape[-2] // diffusion_model.patch_size) * (x.shape[-1] // diffusion_model.patch_size)
+        seen.append(((q[:, :, text:] @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5).softmax(-1))
+        return func(*args, **kwargs)
+
+    with torch.no_grad():
+        diffusion_model(x, timesteps, context=context, y=pooled, transformer_options={"optimized_attention_override": keep})
+    return seen
+
+
+def attention_spread(probs: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head: the mean distance in tokens from an image query to the image keys it attends to (uniform over a
+    16x16 grid: 8.4), and the text keys' share, of `image_attention`'s probabilities on a side x side grid."""
+    grid = torch.stack(torch.meshgrid(torch.arange(float(side)), torch.arange(float(side)), indexing="ij"), -1)
+    distance = torch.cdist(grid.reshape(-1, 2), grid.reshape(-1, 2))
+    image = probs[..., -side * side:]
+    spread = ((image * distance).sum(-1) / image.sum(-1).clamp(min=1e-30)).mean(dim=(0, 2))
+    return spread, probs[..., :-side * side].sum(-1).mean(dim=(0, 2))
+
+
 def checkpoint_state_dict(model: comfy.model_base.BaseModel, clip: comfy.sd.CLIP,
                           dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """The single-file SD3-layout state dict (model.diffusion_model., text_encoders.clip_l., first_stage_model.),
