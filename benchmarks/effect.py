@@ -16,7 +16,12 @@ noise ComfyUI's KSampler gives batch row i of seed s):
   shapes    rate of images in which every subject's shape is present (any colour)
   both      rate of images in which both objects are drawn, each in its own colour (the detector finds both
             (colour, shape) pairs)
-            both with Wilson 95% intervals
+  clean     rate of images without a single off-palette pixel (`world.detector.off_palette_pixels`: a latent
+            pixel that no mix of the background and one palette colour comes near; the world models' plain
+            samples have none): a picture broken by too strong a guidance step holds specks of colours no
+            object has, which the detector reads as background, so `both` alone can count a broken picture
+  both + clean   rate of images with both objects in their own colours and no off-palette pixel
+            the four rates with Wilson 95% intervals
   fixes / breaks   paired against plain on the same prompt and seed: images plain missed and the method got,
             and the reverse (for `both`)
   s/img     seconds per image (batch time / batch size)
@@ -204,7 +209,7 @@ def resolution(model) -> int:
 
 
 def image_results(latents, pair_a, pair_b, model_latent=None) -> list[dict]:
-    """Per image: shapes present, both objects in their own colours, the detections. model_latent: the model's
+    """Per image: shapes present, both objects in their own colours, no off-palette pixel, the detections. model_latent: the model's
     latent format's process_in (VAE space -> the space whose channels 0-2 are the picture); SD1.x's by default."""
     scenes = pack_module("world.scenes")
     detector = pack_module("world.detector")
@@ -212,11 +217,13 @@ def image_results(latents, pair_a, pair_b, model_latent=None) -> list[dict]:
         scale = pack_module("world.model").LATENT_SCALE
         model_latent = lambda latent: latent * scale  # noqa: E731
     rows = []
-    for found in detector.detect_batch(scenes.latent_to_rgb(model_latent(latents.float()).numpy())):
+    pictures = scenes.latent_to_rgb(model_latent(latents.float()).numpy())
+    for picture, found in zip(pictures, detector.detect_batch(pictures)):
         pairs = {d.pair for d in found}
         shapes = {d.shape for d in found}
         rows.append({"shapes": pair_a[1] in shapes and pair_b[1] in shapes,
-                     "both": pair_a in pairs and pair_b in pairs, "found": found})
+                     "both": pair_a in pairs and pair_b in pairs,
+                     "clean": detector.off_palette_pixels(picture) == 0, "found": found})
     return rows
 
 
@@ -275,13 +282,54 @@ def rate(values: list[bool]) -> str:
 
 
 NAME_WIDTH = 26      # a report row: the method's name padded to this, then the columns below
-OUTCOME_FIELDS = 8   # shapes (rate [low, high]), both (rate [low, high]), fixes, breaks: what the images were
+RATES = ("shapes", "both (own colours)", "clean", "both + clean")
+# a report from before the clean columns has only these rates; joined in, its rows show "-" in the others
+EARLIER_RATES = ("shapes", "both (own colours)")
+MISSING = "-"
+
+
+def column_line() -> str:
+    return (f"{'method':<{NAME_WIDTH}}" + "".join(f" {name:>20}" for name in RATES)
+            + f" {'fixes':>5} {'breaks':>6} {'s/img':>6} {'A&E loss first->last':>21}")
 
 
 def parse_row(line: str) -> tuple[str, list[str], list[str]]:
-    """A report row -> (method name, its outcome fields, the rest: s/img and the A&E loss)."""
+    """A report row -> (method name, its outcomes: one string per rate ("0.222 [0.18, 0.27]", or "-" where not
+    measured), then fixes and breaks; the rest: s/img and the A&E loss)."""
     fields = line[NAME_WIDTH:].split()
-    return line[:NAME_WIDTH].strip(), fields[:OUTCOME_FIELDS], fields[OUTCOME_FIELDS:]
+    outcome = []
+    for _ in RATES:
+        width = 1 if fields[0] == MISSING else 3
+        outcome.append(" ".join(fields[:width]))
+        fields = fields[width:]
+    return line[:NAME_WIDTH].strip(), outcome + fields[:2], fields[2:]
+
+
+def format_row(name: str, outcome: list[str], rest: list[str]) -> str:
+    rest = rest if rest[1:] == [MISSING] else [rest[0], " ".join(rest[1:])]
+    return (f"{name:<{NAME_WIDTH}}" + "".join(f" {value:>20}" for value in outcome[:len(RATES)])
+            + f" {outcome[-2]:>5} {outcome[-1]:>6} {float(rest[0]):>6.2f} {rest[1]:>21}")
+
+
+def upgraded(section: list[str]) -> list[str]:
+    """A split section of a report from before the clean columns, in today's columns ("-" where not measured)."""
+    if section[1] == column_line():
+        return section
+    if section[1].split()[:2] != ["method", "shapes"] or "clean" in section[1]:
+        raise ValueError(f"unknown report columns {section[1]!r}")
+    rows = []
+    for line in section[2:]:
+        fields = line[NAME_WIDTH:].split()
+        rates = [" ".join(fields[3 * i:3 * i + 3]) for i in range(len(EARLIER_RATES))]
+        fields = fields[3 * len(EARLIER_RATES):]
+        outcome = [rates[EARLIER_RATES.index(r)] if r in EARLIER_RATES else MISSING for r in RATES] + fields[:2]
+        rows.append(format_row(line[:NAME_WIDTH].strip(), outcome, fields[2:]))
+    return [section[0], column_line(), *rows]
+
+
+def same_outcomes(one: list[str], other: list[str]) -> bool:
+    """Two rows' outcomes agree on every column both measured."""
+    return all(a == b for a, b in zip(one, other) if MISSING not in (a, b))
 
 
 def report(results: dict, splits: dict, header: list[str]) -> str:
@@ -291,21 +339,21 @@ def report(results: dict, splits: dict, header: list[str]) -> str:
         keys = [k for k in plain["images"] if split == "all" or k[0] == split]
         if not keys:
             continue
-        lines += ["", f"{split}: {len(keys)} images (prompt, seed)",
-                  f"{'method':<{NAME_WIDTH}} {'shapes':>20} {'both (own colours)':>20} {'fixes':>5} {'breaks':>6} {'s/img':>6}"
-                  f" {'A&E loss first->last':>21}"]
+        lines += ["", f"{split}: {len(keys)} images (prompt, seed)", column_line()]
         for name, values in results.items():
             images = values["images"]
             both = [images[k]["both"] for k in keys]
             shapes = [images[k]["shapes"] for k in keys]
+            clean = [images[k]["clean"] for k in keys]
+            both_clean = [images[k]["both"] and images[k]["clean"] for k in keys]
             fixes = sum(images[k]["both"] and not plain["images"][k]["both"] for k in keys)
             breaks = sum(plain["images"][k]["both"] and not images[k]["both"] for k in keys)
             seconds = statistics.fmean(images[k]["seconds"] for k in keys)
             firsts = [images[k]["aae"][0] for k in keys if images[k]["aae"] is not None]
             lasts = [images[k]["aae"][1] for k in keys if images[k]["aae"] is not None]
             aae = f"{statistics.fmean(firsts):.3f} -> {statistics.fmean(lasts):.3f}" if firsts else "-"
-            lines.append(f"{name:<{NAME_WIDTH}} {rate(shapes):>20} {rate(both):>20} {fixes:>5} {breaks:>6} {seconds:>6.2f} "
-                         f"{aae:>21}")
+            lines.append(format_row(name, [rate(shapes), rate(both), rate(clean), rate(both_clean), str(fixes),
+                                           str(breaks)], [str(seconds), aae]))
     return "\n".join(lines)
 
 
@@ -366,11 +414,14 @@ def join_reports(texts: list[str]) -> str:
     """One table from reports of the same run settings over different methods (each with plain): the first report's
     rows, then each other report's methods that are not in it yet. Refused when the settings, the splits, plain's
     attention line or plain's outcomes (every column but s/img) differ: then the reports are not of the same
-    images. The timing line (the third) may differ. A joined table joins again (its rows come first)."""
+    images. The timing line (the third) may differ. A joined table joins again (its rows come first). A report
+    from before the clean columns joins with "-" in them (plain's outcomes compared on the columns both have)."""
     header, sections = _sections(texts[0])
+    sections = [upgraded(section) for section in sections]
     joined = list(header)
     for text in texts[1:]:
         other_header, others = _sections(text)
+        others = [upgraded(section) for section in others]
         if _settings(other_header) != _settings(header):
             raise ValueError("the reports' settings or plain's attention differ: not the same run settings")
         joined += [line for line in other_header if line.startswith(JOINED)]  # a joined table joins on
@@ -382,13 +433,16 @@ def join_reports(texts: list[str]) -> str:
             for line in other[2:]:
                 name, outcome, _ = parse_row(line)
                 if name == "plain":
-                    if outcome != parse_row(rows["plain"])[1]:
+                    kept = parse_row(rows["plain"])[1]
+                    if not same_outcomes(outcome, kept):
                         raise ValueError(f"plain differs between the reports in {section[0]!r}: "
                                          f"{rows['plain']!r} against {line!r}")
+                    if outcome.count(MISSING) < kept.count(MISSING):  # the row that measured more columns
+                        section[section.index(rows["plain"])] = rows["plain"] = line
                 elif name not in rows:
                     section.append(line)
                     rows[name] = line
-                elif outcome != parse_row(rows[name])[1]:
+                elif not same_outcomes(outcome, parse_row(rows[name])[1]):
                     raise ValueError(f"{name} differs between the reports in {section[0]!r}: a table keeps one row "
                                      f"per method; drop the older rows first (--drop {name!r})")
     return "\n\n".join("\n".join(block) for block in [joined, *sections])
@@ -437,7 +491,7 @@ def measure(model, clip, methods: dict, splits: dict, args, progress: bool = Tru
                 aae = aae_losses(record)
                 for i, row in enumerate(rows):
                     results[name]["images"][(split, prompt_index, i)] = {
-                        "both": row["both"], "shapes": row["shapes"], "seconds": seconds / len(rows),
+                        "both": row["both"], "shapes": row["shapes"], "clean": row["clean"], "seconds": seconds / len(rows),
                         "aae": None if aae is None else (aae[0][i], aae[1][i])}
                 if record.initno is not None:
                     initno_runs.setdefault(name, []).append({**record.initno, "config": config.initno})

@@ -111,6 +111,27 @@ def test_detector_finds_the_background_first():
     assert [sorted(d.pair for d in f) for f in detector.detect_batch(big)] == [_pairs(s) for s in drawn[:3]]
 
 
+def test_off_palette_pixels_are_specks_of_no_palette_colour_and_clean_renders_have_none():
+    drawn = scenes.sample_scenes(14, 200, split="any")
+    image, _ = scenes.render(drawn)
+    noisy = image + np.random.default_rng(1).normal(0, 0.04, image.shape).astype(np.float32)
+    drifted = image * 0.8 + np.asarray([0.2, 0.04, 0.04], np.float32)
+    for variant in (image, noisy, drifted):  # anti-aliased edges are mixes of the background and their colour
+        assert [detector.off_palette_pixels(picture) for picture in variant] == [0] * len(drawn)
+    rng = np.random.default_rng(2)
+    specked, counts = image[:20].copy(), []
+    for picture in specked:
+        count = int(rng.integers(1, 9))
+        spots = rng.choice(scenes.GRID * scenes.GRID, count, replace=False)
+        picture.reshape(-1, 3)[spots] = [(1.0, 0.0, 1.0), (0.0, 1.0, 1.0)][count % 2]  # magenta, cyan: on no mix
+        counts.append(count)
+    assert [detector.off_palette_pixels(picture) for picture in specked] == counts
+    # the specks are read as background: the objects found stay the scene's
+    assert [sorted(d.pair for d in f) for f in detector.detect_batch(specked)] == [_pairs(s) for s in drawn[:20]]
+    big = np.repeat(np.repeat(specked[:2], 8, axis=1), 8, axis=2)  # a 256 px picture is read on the grid
+    assert [detector.off_palette_pixels(picture) for picture in big] == counts[:2]
+
+
 # ---------------------------------------------------------------- the fixed VAE
 
 def test_vae_round_trip_shows_the_scene():
@@ -124,6 +145,7 @@ def test_vae_round_trip_shows_the_scene():
     decoded = vae.decode(latent)
     assert decoded.shape == pixels.shape and (decoded - pixels).abs().max() < 1e-3
     assert [sorted(d.pair for d in f) for f in detector.detect_batch(decoded.numpy())] == [_pairs(s) for s in drawn]
+    assert [detector.off_palette_pixels(picture) for picture in decoded.numpy()] == [0] * len(drawn)
 
 
 # ---------------------------------------------------------------- training and the checkpoint
@@ -246,6 +268,7 @@ def _vae_shows_clean_renders(vae, seed):
     image, _ = scenes.render(drawn)
     decoded = vae.decode(torch.from_numpy(scenes.rgb_to_latent(image)) / world_model.LATENT_SCALE).detach()
     assert [sorted(d.pair for d in f) for f in detector.detect_batch(decoded.numpy())] == [_pairs(s) for s in drawn]
+    assert [detector.off_palette_pixels(picture) for picture in decoded.numpy()] == [0] * len(drawn)
 
 
 @pytest.mark.parametrize("widths", [{}, {"model_channels": 32, "channel_mult": "1,3,3"}], ids=["shipped", "first"])

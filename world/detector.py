@@ -14,6 +14,11 @@
    pixel, so that anti-aliased edges count with their share): a triangle (apex up) is skewed along y
    (|skewness| about 0.57; circle and square 0); a square's x and y are independent, a circle's are not:
    E[x^2 y^2] / (E[x^2] E[y^2]) is 1 for a square, 2/3 for a circle.
+
+Apart from the objects, `off_palette_pixels` counts the pixels that no mix of the background and one palette
+colour comes near (farther than OFF_PALETTE): specks of colours no object of the world has (magenta, cyan,
+noise), which a picture broken by too strong a guidance step holds and a drawn scene does not. The detector
+reads those pixels as background, so the objects it finds do not say whether the picture is clean.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ ALPHA = 0.5
 MAX_RESIDUAL = 0.25
 MIN_AREA = 12            # latent pixels; the smallest drawn object (a triangle of half-size 4) covers about 32
 BACKGROUND_SHARE = 0.4
+OFF_PALETTE = 0.5        # twice MAX_RESIDUAL; the world models' plain samples stay below 0.47
 TRIANGLE_SKEW = 0.3      # |skewness along y| above this: triangle
 SQUARE_RATIO = 0.83      # E[x^2 y^2] / (E[x^2] E[y^2]) above this: square, else circle
 
@@ -58,19 +64,33 @@ def to_grid(image: np.ndarray, grid: int = GRID) -> np.ndarray:
     return image.reshape(grid, height // grid, grid, width // grid, 3).mean(axis=(1, 3))
 
 
-def colour_labels(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[g, g, 3] -> labels [g, g] int (palette index + 1 for object pixels, 0 for the background) and each
-    palette colour's alpha [g, g, C] (steps 2-3)."""
+def palette_mixes(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[g, g, 3] -> each pixel's best mix of the background and each palette colour (step 3): its alpha [g, g, C]
+    in 0..1 and the distance of the pixel from that mix [g, g, C]. The background is the border's median (step
+    2)."""
     border = np.concatenate([image[0], image[-1], image[1:-1, 0], image[1:-1, -1]])
     background = np.median(border, axis=0)
     direction = _PALETTE - background                                   # [C, 3]
     offset = image[..., None, :] - background                           # [g, g, 1, 3]
     alpha = np.clip((offset * direction).sum(-1) / (direction * direction).sum(-1).clip(1e-6), 0, 1)  # [g, g, C]
-    residual = np.linalg.norm(offset - alpha[..., None] * direction, axis=-1)
+    return alpha, np.linalg.norm(offset - alpha[..., None] * direction, axis=-1)
+
+
+def colour_labels(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[g, g, 3] -> labels [g, g] int (palette index + 1 for object pixels, 0 for the background) and each
+    palette colour's alpha [g, g, C] (steps 2-3)."""
+    alpha, residual = palette_mixes(image)
     score = np.where(alpha >= ALPHA, residual, np.inf)
     best = score.argmin(axis=-1)
     ok = np.take_along_axis(score, best[..., None], -1)[..., 0] <= MAX_RESIDUAL
     return np.where(ok, best + 1, 0), alpha
+
+
+def off_palette_pixels(image: np.ndarray) -> int:
+    """How many latent pixels of one picture ([H, W, 3], as detect() takes it) lie farther than OFF_PALETTE from
+    every mix of the background and one palette colour."""
+    _, residual = palette_mixes(to_grid(image))
+    return int((residual.min(axis=-1) > OFF_PALETTE).sum())
 
 
 def classify_shape(weights: np.ndarray) -> str:
