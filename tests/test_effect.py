@@ -51,8 +51,8 @@ def test_small_effect_run_is_reproducible(effect, checkpoint, tmp_path):
     for name in methods:
         images = first["results"][name]["images"]
         assert len(images) == 12  # 3 splits x 2 prompts x 2 images
-        assert {k: (v["both"], v["shapes"], v["aae"]) for k, v in images.items()} == \
-            {k: (v["both"], v["shapes"], v["aae"]) for k, v in second["results"][name]["images"].items()}
+        assert {k: (v["both"], v["shapes"], v["clean"], v["aae"]) for k, v in images.items()} == \
+            {k: (v["both"], v["shapes"], v["clean"], v["aae"]) for k, v in second["results"][name]["images"].items()}
     for name in methods:
         assert torch.equal(torch.stack(first["grid_latents"][name]), torch.stack(second["grid_latents"][name]))
     guided = first["results"]["attend_and_excite"]["images"]
@@ -61,6 +61,20 @@ def test_small_effect_run_is_reproducible(effect, checkpoint, tmp_path):
     assert "plain" in text and "held_out_pair" in text and "fixes" in text
     effect.save_grid(tmp_path / "grid.png", vae, first["grid_latents"], first["grid_labels"])
     assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_a_picture_with_off_palette_specks_counts_as_drawn_but_not_clean(effect):
+    pair_a, pair_b = scenes.two_object_prompts()["seen"][0]
+    drawn = [scenes.sample_scene(5, i, pairs=[pair_a, pair_b], split="any") for i in range(4)]
+    image, _ = scenes.render(drawn)
+    image[1, 0, 0] = image[3, 16, 20] = image[3, 16, 21] = (1.0, 0.0, 1.0)  # magenta specks
+    latents = torch.from_numpy(scenes.rgb_to_latent(image)) / pack_module("world.model").LATENT_SCALE
+    rows = effect.image_results(latents, pair_a, pair_b)
+    assert [(r["both"], r["clean"]) for r in rows] == [(True, True), (True, False), (True, True), (True, False)]
+    images = {("seen", 0, i): {**row, "seconds": 1.0, "aae": None} for i, row in enumerate(rows)}
+    text = effect.report({"plain": {"images": images}}, {"seen": [(pair_a, pair_b)]}, ["header"])
+    _, outcome, _ = effect.parse_row(next(line for line in text.splitlines() if line.startswith("plain ")))
+    assert [value.split()[0] for value in outcome] == ["1.000", "1.000", "0.500", "0.500", "0", "0"]
 
 
 def test_plain_row_is_ksampler(effect, checkpoint):
@@ -236,6 +250,20 @@ def test_reports_of_method_shares_join_into_the_one_table(effect, checkpoint):
     assert rows(replaced) != rows(whole) and "rows of an earlier measurement dropped: A-STAR" in replaced
     assert {s: {n: r for n, r in m.items() if n != "A-STAR"} for s, m in rows(replaced).items()} == \
         {s: {n: r for n, r in m.items() if n != "A-STAR"} for s, m in rows(whole).items()}
+    # a report from before the clean columns joins with "-" in them; plain keeps the row that measured them
+    earlier = effect.join_reports([_earlier_layout(effect, excite), star])
+    expected = rows(whole)
+    for methods in expected.values():
+        methods["attend_and_excite"][2:4] = ["-", "-"]
+    assert rows(earlier) == expected
+    assert rows(effect.join_reports([star, _earlier_layout(effect, excite)])) == expected
+    lines = _earlier_layout(effect, excite).splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith("plain "))
+    tokens = lines[row].split()
+    tokens[4] = "0.999" if tokens[4] != "0.999" else "0.998"
+    lines[row] = f"{'plain':<{effect.NAME_WIDTH}} " + " ".join(tokens[1:])
+    with pytest.raises(ValueError, match="plain differs"):
+        effect.join_reports([star, "\n".join(lines)])
     for name in ("plain", "InitNO"):
         with pytest.raises(ValueError, match="cannot drop .*'A-STAR', 'attend_and_excite'"):
             effect.drop_method(whole, name)
@@ -248,3 +276,18 @@ def test_reports_of_method_shares_join_into_the_one_table(effect, checkpoint):
         text = header + "\n\n" + "\n".join(renamed)
         dropped = effect.drop_method(text, name).splitlines()[0]
         assert kept in dropped and dropped.endswith(")") and f"; {name}: " not in dropped
+
+
+def _earlier_layout(effect, text: str) -> str:
+    """The report as effect.py wrote it before the clean columns: shapes, both, fixes, breaks, s/img, A&E loss."""
+    header, sections = effect._sections(text)
+    blocks = [header]
+    for section in sections:
+        block = [section[0], f"{'method':<{effect.NAME_WIDTH}} {'shapes':>20} {'both (own colours)':>20} {'fixes':>5} "
+                             f"{'breaks':>6} {'s/img':>6} {'A&E loss first->last':>21}"]
+        for line in section[2:]:
+            name, outcome, rest = effect.parse_row(line)
+            block.append(f"{name:<{effect.NAME_WIDTH}} {outcome[0]:>20} {outcome[1]:>20} {outcome[4]:>5} "
+                         f"{outcome[5]:>6} {float(rest[0]):>6.2f} {' '.join(rest[1:]):>21}")
+        blocks.append(block)
+    return "\n\n".join("\n".join(block) for block in blocks)
