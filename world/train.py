@@ -154,8 +154,12 @@ class _UNetFamily:
         """The batch's model latent and what `predict` reads for its captions."""
         return {"latent": latent, "tokens": self.world_model.tokenize(self.clip, captions)}
 
-    def model_timesteps(self, sampling, timesteps, sigma):
-        return timesteps.float()
+    @staticmethod
+    def noised(x0, sigma, noise):
+        """EPS (SD1.x): the input x0 + sigma * noise scaled by 1 / sqrt(1 + sigma^2), the target the noise, the
+        level sigma itself."""
+        import torch
+        return (x0 + sigma * noise) / torch.sqrt(1 + sigma ** 2), noise, sigma
 
     def probe(self, model):
         return self.world_model.AttentionProbe(model.diffusion_model)
@@ -190,8 +194,11 @@ class _DiTFamily:
     def conditioning(self, latent, captions) -> dict:
         return {"latent": self.dit.to_model_latent(latent)}
 
-    def model_timesteps(self, sampling, timesteps, sigma):
-        return sampling.timestep(sigma.flatten()).float()  # sigma x 1000 (ComfyUI's ModelSamplingDiscreteFlow)
+    @staticmethod
+    def noised(x0, sigma, noise):
+        """Rectified flow, as ComfyUI's CONST sampling: the input (1 - sigma) * x0 + sigma * noise, the target
+        noise - x0 (x0 = x - sigma * output), the level sigma / (1 - sigma) (the same signal-to-noise ratio)."""
+        return (1 - sigma) * x0 + sigma * noise, noise - x0, sigma / (1 - sigma).clamp(min=1e-6)
 
     def probe(self, model):
         return self.dit.JointAttentionProbe(77)
@@ -245,18 +252,13 @@ def batch_data(trainer: Trainer, batch: int):
 
 def noised(family: str, x0, sigma, noise):
     """(the model's input, its training target, the EPS-equivalent noise level) at `sigma` [B, 1, 1, 1] for the
-    world model `family`:
-    sd15 (EPS): x0 + sigma * noise scaled by 1 / sqrt(1 + sigma^2), target the noise; sd3 (rectified flow, as
-    ComfyUI's CONST sampling): (1 - sigma) * x0 + sigma * noise, target noise - x0 (x0 = x - sigma * output), level
-    sigma / (1 - sigma) (the same signal-to-noise ratio), so that --shape-min-sigma means the same for both."""
-    import torch
-    if family == "sd3":
-        return (1 - sigma) * x0 + sigma * noise, noise - x0, sigma / (1 - sigma).clamp(min=1e-6)
-    return (x0 + sigma * noise) / torch.sqrt(1 + sigma ** 2), noise, sigma
+    world model `family` (a FAMILIES name): the family's own `noised`. The level is what --shape-min-sigma reads, so
+    that it means the same for both."""
+    return FAMILY_CLASSES[family].noised(x0, sigma, noise)
 
 
 def flow_sigma(level):
-    """The rectified-flow sigma at the EPS-equivalent noise level `level` (the inverse of `noised`'s level)."""
+    """The rectified-flow sigma at the EPS-equivalent noise level `level` (the inverse of the sd3 family's level)."""
     return level / (1 + level)
 
 
@@ -298,8 +300,9 @@ def losses(trainer: Trainer, data: dict, batch: int) -> dict:
     timesteps = torch.randint(0, len(sampling.sigmas), (count,), generator=generator)
     sigma = sampling.sigmas[timesteps].float().reshape(-1, 1, 1, 1)
     noise = torch.randn(x0.shape, generator=generator)
-    x_in, target, level = noised(config.family, x0, sigma, noise)
-    model_timesteps = trainer.family.model_timesteps(sampling, timesteps, sigma)
+    x_in, target, level = trainer.family.noised(x0, sigma, noise)
+    # what the sampler gives the model at sigma: SD1.x's index t, the flow's sigma x 1000
+    model_timesteps = sampling.timestep(sigma.flatten()).float()
     probe = trainer.family.probe(trainer.model)
     eps = predict(trainer, x_in, model_timesteps, data, transformer_options=probe.transformer_options())
     terms = {"diffusion": F.mse_loss(eps, target)}
