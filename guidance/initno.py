@@ -173,7 +173,10 @@ def optimise_noise(scores, noise: torch.Tensor, fresh_noise, config: InitNOConfi
 
     Each image of the batch is optimised as if alone, as the authors' code runs one image at a time: its own Adam
     state and KL bound, its own first success, its own restarts (row i of the fresh noise) and its own best round.
-    The batch is scored together; images that stopped keep their noise and take no more steps."""
+    The batch is scored together; images that stopped keep their noise and take no more steps. Scoring only the
+    images still running would save their passes, but ComfyUI fits per-image conditioning to a batch by its
+    first rows (comfy.utils.repeat_to_batch_size: an inpainting model's concat latent, say), so a sub-batch of
+    images 3 and 5 would be scored with rows 0 and 1's."""
     history: list[tuple[int, int, float, float]] = []
     kept: list[InitNOImage | None] = [None] * noise.shape[0]
     pool: list[list[tuple[float, int, torch.Tensor]]] = [[] for _ in kept]
