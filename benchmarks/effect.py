@@ -448,6 +448,34 @@ def join_reports(texts: list[str]) -> str:
     return "\n\n".join("\n".join(block) for block in [joined, *sections])
 
 
+def mcnemar_p(fixes: int, breaks: int) -> float:
+    """Exact McNemar test of a method against plain on the same images: two-sided binomial on fixes vs breaks."""
+    n = fixes + breaks
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, k) for k in range(min(fixes, breaks) + 1)) / 2 ** n)
+
+
+def markdown_table(text: str) -> str:
+    """A report (joined or not) as the README's table: the `all` rates, fixes / breaks with McNemar's p, the
+    held-out splits' `both`, s/img and the A&E loss."""
+    _, sections = _sections(text)
+    rows = {section[0].split(":")[0]: {row[0]: row for row in map(parse_row, upgraded(section)[2:])}
+            for section in sections}
+    lines = ["| method | shapes | both | clean | both + clean | fixes / breaks (p) | held-out combo | held-out pair "
+             "| s/img | A&E loss |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, outcome, rest in rows["all"].values():
+        shapes, both, clean, both_clean, fixes, breaks = outcome
+        p = mcnemar_p(int(fixes), int(breaks))
+        paired = "-" if name == "plain" else f"{fixes} / {breaks} ({p:.2f})" if p >= 0.01 else f"{fixes} / {breaks} ({p:.1g})"
+        held = [rows[split][name][1][1].split()[0] if split in rows else "-"
+                for split in ("held_out_combo", "held_out_pair")]
+        loss = " ".join(rest[1:]).replace("->", "→")
+        lines.append(f"| {name} | {shapes} | **{both}** | {clean} | {both_clean} | {paired} | {held[0]} | {held[1]} "
+                     f"| {rest[0]} | {loss} |")
+    return "\n".join(lines)
+
+
 def save_grid(path: Path, vae, latents: dict, labels: list[str]) -> None:
     """Rows = (prompt, seed) images, columns = methods, VAE-decoded through the checkpoint's VAE."""
     import numpy as np
@@ -533,6 +561,8 @@ def main(argv=None) -> None:
                         help="join saved reports of the same settings over different methods into one table")
     parser.add_argument("--drop", action="append", default=[], metavar="METHOD",
                         help="with --join: take this method's rows out of the first report (it was measured again)")
+    parser.add_argument("--markdown", action="store_true",
+                        help="with --join: print the table as the README's markdown (McNemar's p beside fixes / breaks)")
     parser.add_argument("--quick", action="store_true", help="4 methods, 2 prompts per split, 4 seeds, 10 steps")
     parser.add_argument("--methods", default=None, help="comma-separated (default: all; --quick: " + ", ".join(QUICK_METHODS) + ")")
     parser.add_argument("--prompts-per-split", type=int, default=None, help="default: all (--quick: 2)")
@@ -547,8 +577,8 @@ def main(argv=None) -> None:
     parser.add_argument("--save", type=Path, default=None, help="write the report here too")
     parser.add_argument("--grid", type=Path, default=None, help="PNG of plain and each method, same seeds")
     args = parser.parse_args(argv)
-    if args.drop and not args.join:
-        parser.error("--drop takes a method out of the first --join report: give --join REPORT ...")
+    if (args.drop or args.markdown) and not args.join:
+        parser.error("--drop and --markdown work on saved reports: give --join REPORT ...")
     if args.join:
         try:
             texts = [path.read_text() for path in args.join]
@@ -557,7 +587,7 @@ def main(argv=None) -> None:
             text = join_reports(texts)
         except ValueError as error:
             raise SystemExit(f"--join: {error}") from None
-        print(text)
+        print(markdown_table(text) if args.markdown else text)
         if args.save:
             args.save.write_text(text + "\n")
         return

@@ -156,6 +156,13 @@ def _world_diagnostics():
     return diagnostics
 
 
+def test_mcnemar_p_is_the_exact_two_sided_binomial_test(effect):
+    from scipy.stats import binomtest
+    for fixes, breaks in ((39, 18), (19, 18), (4, 34), (0, 3), (7, 0), (12, 12)):
+        assert effect.mcnemar_p(fixes, breaks) == pytest.approx(binomtest(fixes, fixes + breaks).pvalue, rel=1e-9)
+    assert effect.mcnemar_p(0, 0) == 1.0
+
+
 def test_attention_spread_reads_the_mmdits_image_attention(effect):
     """world_diagnostics' attention spread: wide (about uniform's 8.4 tokens) for the generic start, a few tokens
     and widening head by head for the local start (world.dit.local_attention_init_); the text's share; the x0
@@ -220,6 +227,10 @@ def test_reports_of_method_shares_join_into_the_one_table(effect, checkpoint):
         return {s[0]: {name: outcome + rest[1:] for name, outcome, rest in map(effect.parse_row, s[2:])}
                 for s in sections}
 
+    def rows_by_name(text):  # the `all` split's rows
+        _, sections = effect._sections(text)
+        return {row[0]: row for row in map(effect.parse_row, sections[0][2:])}
+
     whole = report(["plain", "attend_and_excite", "A-STAR"])
     excite, star = report(["plain", "attend_and_excite"]), report(["plain", "A-STAR"])
     joined = effect.join_reports([excite, star])
@@ -250,6 +261,15 @@ def test_reports_of_method_shares_join_into_the_one_table(effect, checkpoint):
     assert rows(replaced) != rows(whole) and "rows of an earlier measurement dropped: A-STAR" in replaced
     assert {s: {n: r for n, r in m.items() if n != "A-STAR"} for s, m in rows(replaced).items()} == \
         {s: {n: r for n, r in m.items() if n != "A-STAR"} for s, m in rows(whole).items()}
+    # the README's markdown: the `all` rates, the held-out splits' `both`
+    table = effect.markdown_table(joined).splitlines()
+    assert table[0].startswith("| method | shapes | both | clean | both + clean | fixes / breaks (p) |")
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| plain", "| attend_and_excite", "| A-STAR"]
+    for line in table[2:]:
+        cells = line.strip("| ").split(" | ")
+        name, outcome, rest = rows_by_name(joined)[cells[0]]
+        assert cells[1:5] == [outcome[0], f"**{outcome[1]}**", *outcome[2:4]] and cells[8] == rest[0]
+        assert cells[5] == "-" if name == "plain" else cells[5].startswith(f"{outcome[4]} / {outcome[5]} (")
     # a report from before the clean columns joins with "-" in them; plain keeps the row that measured them
     earlier = effect.join_reports([_earlier_layout(effect, excite), star])
     expected = rows(whole)
