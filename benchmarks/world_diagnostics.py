@@ -18,8 +18,11 @@ prompt; and it draws the right colour in a wrong shape. Measured:
   caption gap     the EPS loss on one-object renders (sigma 1 and 3) with a wrong shape word, and with a wrong
                   colour word, against the right caption (relative; 0 = the word is not used): no sampling, so it
                   also reads a training run's state.pt while it trains
+  object size     (--sizes) two-object prompts sampled at cfg 7.5, 4 and 2: objects per picture, their mean area
+                  and the share of the picture that is not background, against the training renders'
 
     python benchmarks/world_diagnostics.py --ckpt world/world_sd15.safetensors     # all of them
+    python benchmarks/world_diagnostics.py --ckpt world/world_sd3.safetensors --sizes
     python benchmarks/world_diagnostics.py --state RUN/state.pt                    # DC gain and caption gap
 
 The DiT world model (world/dit.py, `--ckpt world/world_sd3.safetensors`): its image attention's spread (the mean
@@ -102,7 +105,7 @@ def caption_loss_gap(diffusion_model, model_sampling, encode, count: int = 48, s
     return {name: losses[name] / losses["right"] - 1 for name in ("shape", "colour")}
 
 
-def _sample(model, clip, pairs, batch: int, steps: int):
+def _sample(model, clip, pairs, batch: int, steps: int, cfg: float = 7.5):
     import torch
 
     import nodes
@@ -111,7 +114,7 @@ def _sample(model, clip, pairs, batch: int, steps: int):
     negative = nodes.CLIPTextEncode().encode(clip, "")[0]
     latent = {"samples": torch.zeros(batch, effect.latent_format(model).latent_channels, 32, 32)}
     with torch.inference_mode():
-        return nodes.common_ksampler(model, 0, steps, 7.5, "euler", "normal", positive, negative, latent)[0]["samples"]
+        return nodes.common_ksampler(model, 0, steps, cfg, "euler", "normal", positive, negative, latent)[0]["samples"]
 
 
 def _rgb(model, latents):
@@ -149,6 +152,44 @@ def single_objects(model, clip, steps: int) -> dict[str, int]:
     return counts
 
 
+def picture_sizes(pictures) -> dict[str, float]:
+    """What a batch of pictures ([N, H, W, 3]) draws: objects found per picture, their mean area in latent pixels,
+    and the share of pixels that are not background (the detector's colour labels)."""
+    import numpy as np
+    detector = effect.pack_module("world.detector")
+    found = detector.detect_batch(pictures)
+    areas = [d.area for objects in found for d in objects]
+    covered = [float((detector.colour_labels(detector.to_grid(picture))[0] > 0).mean()) for picture in pictures]
+    return {"objects": len(areas) / len(pictures), "area": float(np.mean(areas)) if areas else 0.0,
+            "covered": float(np.mean(covered))}
+
+
+def sizes_by_cfg(model, clip, steps: int, cfgs=(7.5, 4.0, 2.0)) -> dict:
+    """picture_sizes and the `both` count of the first 6 seen two-object prompts x 8 seeds at each cfg, and of 400
+    training renders ("renders"): whether the objects come out at the size they were trained at."""
+    import numpy as np
+    scenes = effect.pack_module("world.scenes")
+    detector = effect.pack_module("world.detector")
+    sizes = {"renders": picture_sizes(scenes.render(scenes.sample_scenes(0, 400))[0])}
+    for cfg in cfgs:
+        pictures, both = [], 0
+        for pair_a, pair_b in scenes.two_object_prompts()["seen"][:6]:
+            rgb = _rgb(model, _sample(model, clip, [pair_a, pair_b], 8, steps, cfg))
+            both += sum({pair_a, pair_b} <= {d.pair for d in found} for found in detector.detect_batch(rgb))
+            pictures.append(rgb)
+        sizes[cfg] = {**picture_sizes(np.concatenate(pictures)), "both": both, "total": 48}
+    return sizes
+
+
+def print_sizes(sizes: dict) -> None:
+    renders = sizes.pop("renders")
+    print(f"object size: training renders {renders['area']:.0f} latent pixels per object, "
+          f"{renders['covered']:.2f} of the picture not background; sampled (6 two-object prompts x 8 seeds):")
+    for cfg, one in sizes.items():
+        print(f"  cfg {cfg}: {one['objects']:.2f} objects per picture of {one['area']:.0f} latent pixels, "
+              f"{one['covered']:.2f} not background; both objects in their colours {one['both']} of {one['total']}")
+
+
 def shape_word_effect(model, clip, steps: int) -> dict[str, float]:
     """Mean |picture difference| (rgb) over 8 seeds when only the shape word changes and when only the colour word
     does, and the text encoder's relative change at the changed word's position."""
@@ -173,9 +214,13 @@ def main(argv=None) -> None:
     source.add_argument("--state", type=Path, help="world/train.py's state.pt: the DC gain and the caption gap")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sizes", action="store_true",
+                        help="with --ckpt: only the objects' size against the training renders' at cfg 7.5, 4 and 2")
     parser.add_argument("--gap-per-sigma", action="store_true",
                         help="also the caption gap at each of sigma 0.5, 1, 2, 3, 5, 8, 12 (results/world_shape_word.txt)")
     args = parser.parse_args(argv)
+    if args.sizes and not args.ckpt:
+        parser.error("--sizes samples pictures: give --ckpt CHECKPOINT")
     effect.boot_host()
     import torch
     torch.set_num_threads(args.threads)
@@ -195,6 +240,10 @@ def main(argv=None) -> None:
         print(f"{args.state}: batch {saved['batch']}, UNet widths {unet.model_channels} x {list(unet.channel_mult)}")
     else:
         model, clip, _vae = effect.load_world(args.ckpt)
+        if args.sizes:
+            print(f"{args.ckpt.name}: {args.steps} euler steps")
+            print_sizes(sizes_by_cfg(model, clip, args.steps))
+            return
         if effect.resolution(model) == 0:  # the MMDiT
             dit_diagnostics(model, clip, args)
             return

@@ -1,6 +1,7 @@
 """benchmarks/effect.py (issue 16): a small effect run on a world checkpoint completes, is reproducible, and its
 plain row is KSampler's."""
 import argparse
+import dataclasses
 import importlib.util
 import sys
 
@@ -184,6 +185,24 @@ def test_attention_spread_reads_the_mmdits_image_attention(effect):
     noise = torch.randn(2, 16, 32, 32, generator=torch.Generator().manual_seed(0))[:, :3]
     expected = float((0.5 * (noise - x0)).pow(2).mean().sqrt())
     assert found[0.0]["x0_error"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_picture_sizes_read_what_the_renders_hold(effect):
+    """world_diagnostics --sizes: objects per picture, their area and the share not background, on renders whose
+    objects are known (the area against the render's own coverage), and on pictures with objects twice as wide."""
+    diagnostics = _world_diagnostics()
+    drawn = scenes.sample_scenes(3, 60, split="any")
+    image, cover = scenes.render(drawn)
+    sizes = diagnostics.picture_sizes(image)
+    assert sizes["objects"] == pytest.approx(sum(len(s.objects) for s in drawn) / len(drawn))
+    drawn_pixels = (cover.sum(1) >= 0.5).sum(axis=(1, 2))           # what the colour labels take as object
+    assert sizes["area"] == pytest.approx(drawn_pixels.sum() / sum(len(s.objects) for s in drawn), rel=0.02)
+    assert sizes["covered"] == pytest.approx(float(drawn_pixels.mean()) / scenes.GRID ** 2, rel=0.02)
+    one = [s for s in drawn if len(s.objects) == 1][:10]
+    wide = [dataclasses.replace(s, objects=tuple(dataclasses.replace(o, cx=16.0, cy=16.0, half=o.half * 1.9)
+                                                 for o in s.objects)) for s in one]
+    assert diagnostics.picture_sizes(scenes.render(wide)[0])["area"] > 3 * diagnostics.picture_sizes(
+        scenes.render(one)[0])["area"]
 
 
 def test_dc_gain_measures_whether_the_noise_mean_is_predicted(effect):
