@@ -33,7 +33,7 @@ ALPHA = 0.5
 MAX_RESIDUAL = 0.25
 MIN_AREA = 12            # latent pixels; the smallest drawn object (a triangle of half-size 4) covers about 32
 BACKGROUND_SHARE = 0.4
-OFF_PALETTE = 0.5        # twice MAX_RESIDUAL; 72 plain samples of the world models came no farther than 0.47
+OFF_PALETTE = 0.5        # twice MAX_RESIDUAL; 90% (UNet) and 98% (DiT) of the world models' plain pictures stay within
 TRIANGLE_SKEW = 0.3      # |skewness along y| above this: triangle
 SQUARE_RATIO = 0.83      # E[x^2 y^2] / (E[x^2] E[y^2]) above this: square, else circle
 
