@@ -396,6 +396,9 @@ def test_world_example_on_a_real_server_plain_drops_a_subject_and_guidance_bring
     outcome = _judge(pictures, pairs)
     assert not outcome["world_plain"][0], outcome  # a subject's shape is missing without guidance
     assert outcome["world_guided"] == (True, True), outcome
+    # and the guided picture is not a broken one: no speck of a colour no object has
+    assert {name: detector.off_palette_pixels(np.asarray(picture.convert("RGB"), dtype=np.float64) / 255.0)
+            for name, picture in pictures.items()} == {"world_plain": 0, "world_guided": 0}
 
 
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="no shipped world checkpoint")
