@@ -182,10 +182,10 @@ def sizes_by_cfg(model, clip, steps: int, cfgs=(7.5, 4.0, 2.0)) -> dict:
 
 
 def print_sizes(sizes: dict) -> None:
-    renders = sizes.pop("renders")
+    renders = sizes["renders"]
     print(f"object size: training renders {renders['area']:.0f} latent pixels per object, "
           f"{renders['covered']:.2f} of the picture not background; sampled (6 two-object prompts x 8 seeds):")
-    for cfg, one in sizes.items():
+    for cfg, one in ((cfg, one) for cfg, one in sizes.items() if cfg != "renders"):
         print(f"  cfg {cfg}: {one['objects']:.2f} objects per picture of {one['area']:.0f} latent pixels, "
               f"{one['covered']:.2f} not background; both objects in their colours {one['both']} of {one['total']}")
 
