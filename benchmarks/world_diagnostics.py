@@ -289,12 +289,11 @@ def attention_spread(diffusion_model, encode, sigma: float, count: int = 8, seed
     timesteps = torch.full((count,), sigma * 1000.0)
     side = x0.shape[-1] // diffusion_model.patch_size
     spread, text = [], []
-    for probs in dit.image_attention(diffusion_model, x, timesteps, context.to(x), pooled.to(x)):
+    blocks, velocity = dit.image_attention(diffusion_model, x, timesteps, context.to(x), pooled.to(x))
+    for probs in blocks:
         heads_spread, heads_text = dit.attention_spread(probs, side)
         spread.append(heads_spread.tolist())
         text.append(heads_text.tolist())
-    with torch.no_grad():
-        velocity = diffusion_model(x, timesteps, context=context.to(x), y=pooled.to(x))
     error = float(((x - sigma * velocity.float() - x0)[:, :3] ** 2).mean().sqrt())
     return {"spread": spread, "text": text, "x0_error": error}
 

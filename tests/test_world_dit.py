@@ -212,7 +212,7 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
 
 def _image_attention(model, context, pooled):
     x = torch.randn(2, 16, 32, 32, generator=torch.Generator().manual_seed(5))
-    return dit.image_attention(model.diffusion_model, x, torch.tensor([900.0, 300.0]), context, pooled)
+    return dit.image_attention(model.diffusion_model, x, torch.tensor([900.0, 300.0]), context, pooled)[0]
 
 
 def test_local_attention_start_is_local_multi_scale_and_leaves_the_text_a_share():

@@ -228,9 +228,10 @@ class JointAttentionProbe:
         return (probs @ v4).transpose(1, 2).reshape(batch, length, inner)
 
 
-def image_attention(diffusion_model, x, timesteps, context, pooled) -> list[torch.Tensor]:
+def image_attention(diffusion_model, x, timesteps, context, pooled) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per joint block: the image queries' softmax over [text, image] keys [B, heads, image tokens, all keys]
-    (recomputed from the block's q and k beside the host attention, which runs unchanged)."""
+    (recomputed from the block's q and k beside the host attention, which runs unchanged); and the model's output
+    of that same forward."""
     seen = []
 
     def keep(func, *args, **kwargs):
@@ -241,8 +242,9 @@ def image_attention(diffusion_model, x, timesteps, context, pooled) -> list[torc
         return func(*args, **kwargs)
 
     with torch.no_grad():
-        diffusion_model(x, timesteps, context=context, y=pooled, transformer_options={"optimized_attention_override": keep})
-    return seen
+        output = diffusion_model(x, timesteps, context=context, y=pooled,
+                                 transformer_options={"optimized_attention_override": keep})
+    return seen, output
 
 
 def attention_spread(probs: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
